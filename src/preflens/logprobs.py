@@ -1,0 +1,220 @@
+"""Response log-probs of chosen and rejected sequences in one forward pass.
+
+Why this module exists: every loss and diagnostic in preflens reads the summed log-prob of each
+response (and sometimes the per-token log-probs or the last hidden states). Computing them well is
+most of a DPO step's cost, so this is the hot path:
+
+- chosen and rejected rows go through the model in *one* forward (the batch layout of
+  ARCHITECTURE.md: B chosen rows then B rejected rows);
+- the backbone runs once; the unembedding (lm_head) is applied *only* at the positions that predict
+  a response token (prompt positions never need logits), in chunks, and each chunk's log-softmax
+  is recomputed in the backward (activation checkpointing) instead of being stored, so the
+  full-vocabulary log-softmax is never materialised for the whole batch, nor in fp32 beyond a chunk;
+- the last hidden states at those positions come for free (CHES, seed 003, uses them).
+
+Convention (DESIGN.md): `response_mask[s, t]` marks token t of sequence s as a response token whose
+log-prob is `log_softmax(logits[s, t-1])[input_ids[s, t]]`; padding on the right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from preflens.errors import PreflensError
+from preflens.losses import PairLogps
+
+__all__ = ["SequenceLogps", "sequence_logps", "pair_logps_from_batch", "split_backbone_and_head"]
+
+# Rows of logits computed at once by the chunked unembedding. 1024 rows x 49k vocab x 4 bytes is
+# ~200 MB for SmolLM2; small enough for a laptop, large enough to keep the matmul efficient.
+DEFAULT_CHUNK_ROWS = 1024
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence response statistics (N = 2B rows of a pair batch, or any N sequences)."""
+
+    logps: Tensor
+    """[N] summed response-token log-probs (float32)."""
+    lengths: Tensor
+    """[N] number of response tokens."""
+    token_logps: Tensor | None = None
+    """[N, L] response-token log-probs, left-aligned at the response start (column j = j-th response token)."""
+    token_mask: Tensor | None = None
+    """[N, L] bool, True where `token_logps` holds a real token."""
+    token_ids: Tensor | None = None
+    """[N, L] the response token ids in the same layout (-1 on padding)."""
+    hidden: Tensor | None = None
+    """[N, L, d] last hidden state (input of the unembedding) at the position predicting each response token."""
+
+
+def split_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, lm_head) of a Hugging Face causal LM (or a peft model wrapping one), or None.
+
+    The decoder returns the last hidden state after the final norm, the lm_head maps it to logits.
+    Models whose logits are not a plain linear map of that state (final-logit soft-capping, a logit
+    scale) return None so the caller falls back to the model's own forward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
+        None,
+        1,
+        1.0,
+    ):
+        return None
+    prefix = getattr(base, "base_model_prefix", None)
+    decoder = getattr(base, prefix, None) if prefix else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def _chunk_logps(head: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(head(h))[targets] for one chunk of rows, with the logsumexp in fp32."""
+    logits = head(h).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _selected_logps(head: nn.Module, h: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+    """Log-probs of `targets` [M] given hidden states `h` [M, d], chunked and recomputed in backward."""
+    if h.shape[0] == 0:
+        return h.new_zeros(0, dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and (
+        h.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    out = []
+    for start in range(0, h.shape[0], chunk_rows):
+        hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if needs_grad:
+            out.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(head, hc, tc))
+    return torch.cat(out)
+
+
+def _validate(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> None:
+    if (
+        input_ids.dim() != 2
+        or input_ids.shape != attention_mask.shape
+        or input_ids.shape != response_mask.shape
+    ):
+        raise PreflensError(
+            "input_ids, attention_mask and response_mask must all be [N, T] tensors of the same shape; got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(response_mask.shape)}"
+        )
+    if response_mask[:, 0].any():
+        bad = int(response_mask[:, 0].nonzero()[0, 0])
+        raise PreflensError(
+            f"sequence {bad}: response_mask marks position 0 as a response token, but nothing predicts it "
+            "(a response needs at least one token of prompt/BOS before it)"
+        )
+    if (response_mask.bool() & ~attention_mask.bool()).any():
+        bad = int((response_mask.bool() & ~attention_mask.bool()).any(1).nonzero()[0, 0])
+        raise PreflensError(f"sequence {bad}: response_mask marks a padding position (attention_mask 0)")
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    return_tokens: bool = False,
+    return_hidden: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> SequenceLogps:
+    """Summed (and optionally per-token) response log-probs of N sequences in one forward pass.
+
+    Gradients flow to the model when called under grad mode. See the module docstring for why the
+    unembedding is applied only at response-predicting positions.
+    """
+    _validate(input_ids, attention_mask, response_mask)
+    response_mask = response_mask.bool()
+    n, t = input_ids.shape
+    rows, pos = response_mask.nonzero(as_tuple=True)  # row-major: ordered by row, then position
+    targets = input_ids[rows, pos]
+
+    parts = split_backbone_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden_all = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        h_sel = hidden_all[rows, pos - 1]
+        tok = _selected_logps(head, h_sel, targets, chunk_rows)
+    else:  # generic fallback: the model's own logits (e.g. soft-capped heads)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=return_hidden,
+        )
+        logits = out.logits[rows, pos - 1].float()
+        tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        h_sel = out.hidden_states[-1][rows, pos - 1] if return_hidden else None
+
+    lengths = response_mask.sum(1)
+    logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    result = SequenceLogps(logps=logps, lengths=lengths)
+    if return_tokens or return_hidden:
+        width = int(lengths.max()) if n else 0
+        col = (response_mask.long().cumsum(1) - 1)[rows, pos]
+        if return_tokens:
+            result.token_logps = tok.new_zeros(n, width).index_put((rows, col), tok)
+            result.token_mask = torch.zeros(n, width, dtype=torch.bool, device=tok.device).index_put(
+                (rows, col), torch.ones_like(targets, dtype=torch.bool)
+            )
+            result.token_ids = torch.full(
+                (n, width), -1, dtype=input_ids.dtype, device=input_ids.device
+            ).index_put((rows, col), targets)
+        if return_hidden and h_sel is not None:
+            result.hidden = h_sel.new_zeros(n, width, h_sel.shape[-1]).index_put((rows, col), h_sel)
+    return result
+
+
+def pair_logps_from_batch(
+    policy: SequenceLogps,
+    ref: tuple[Tensor, Tensor] | None = None,
+    ref_tokens: tuple[Tensor, Tensor] | None = None,
+) -> PairLogps:
+    """Split 2B sequence rows (chosen first, then rejected) into a `PairLogps`.
+
+    `ref` are the cached reference log-probs (chosen, rejected) of the same pairs, `ref_tokens` their
+    per-token versions (left-aligned, for token-level losses).
+    """
+    n = policy.logps.shape[0]
+    if n % 2:
+        raise PreflensError(f"a pair batch has an even number of rows (chosen then rejected); got {n}")
+    b = n // 2
+
+    def halves(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        return (None, None) if x is None else (x[:b], x[b:])
+
+    tw, tl = halves(policy.token_logps)
+    mw, ml = halves(policy.token_mask)
+    iw, il = halves(policy.token_ids)
+    p = PairLogps(
+        chosen=policy.logps[:b],
+        rejected=policy.logps[b:],
+        ref_chosen=None if ref is None else ref[0],
+        ref_rejected=None if ref is None else ref[1],
+        chosen_len=policy.lengths[:b],
+        rejected_len=policy.lengths[b:],
+        chosen_tokens=tw,
+        rejected_tokens=tl,
+        chosen_mask=mw,
+        rejected_mask=ml,
+        chosen_token_ids=iw,
+        rejected_token_ids=il,
+    )
+    if ref_tokens is not None:
+        p.ref_chosen_tokens, p.ref_rejected_tokens = ref_tokens
+    return p
