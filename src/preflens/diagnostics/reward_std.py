@@ -1,0 +1,452 @@
+"""Reward std per prompt and the expected policy-gradient norm: the vanishing-gradients diagnostic.
+
+Why this module exists (seed 003; Razin et al., "Vanishing Gradients in Reinforcement Finetuning of
+Language Models", ICLR 2024): the expected reward of a prompt x is V_x(theta) = E_{y ~ pi_theta(.|x)}
+[r(x, y)], and its gradient is bounded by the reward's standard deviation under the model,
+
+    ||grad V_x(theta)|| = O( STD_{y ~ pi_theta(.|x)}[r(x, y)]^{2/3} )      (the paper's theorem),
+
+so a prompt whose completions all get about the same reward receives almost no gradient, *even if
+that reward is poor*. RFT then cannot fix it; a short initial SFT phase can. The theorem is an upper
+bound: small std forces a small gradient, a large std does not force a large one. Nothing here
+asserts the 2/3 relation; we measure both sides and let the user see them.
+
+What we compute, per prompt x with K samples y_1..y_K ~ pi_theta(.|x) and rewards r_1..r_K:
+- reward mean and std (std with Bessel's correction, ddof=1: the unbiased variance estimate; K >= 2);
+- the REINFORCE estimate of grad V_x with the leave-one-out baseline (RLOO; Kool et al. 2019,
+  "Buy 4 REINFORCE samples, get a baseline for free!"), which is unbiased:
+      g = 1/K sum_i (r_i - b_i) grad log pi(y_i|x),   b_i = 1/(K-1) sum_{j != i} r_j,
+  and its norm. Since r_i - b_i = K/(K-1) (r_i - mean(r)), g = 0 exactly when all rewards are equal.
+
+The norm is computed with one backward of the surrogate sum_i w_i log pi(y_i|x) (w_i = (r_i - b_i)/K)
+per prompt, i.e. gradient accumulation with one prompt's K samples per micro-batch: the same FLOPs as
+one batched backward, no per-sample gradients, and one extra gradient-sized buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from preflens.errors import DataError, PreflensError
+from preflens.logprobs import sequence_logps
+from preflens.rewards import Reward, score
+
+__all__ = [
+    "PromptRow",
+    "load_prompts",
+    "encode_prompt",
+    "Samples",
+    "sample_completions",
+    "rloo_weights",
+    "reward_mean_std",
+    "exact_reward_std",
+    "policy_gradient_norms",
+    "RewardStdResult",
+    "reward_std_diagnostic",
+    "summarize",
+    "THEOREM_NOTE",
+]
+
+THEOREM_NOTE = (
+    "||grad V_x|| = O(STD[r]^(2/3)) (Razin et al., ICLR 2024) is an upper bound: prompts with small "
+    "reward std get small expected gradients even when their reward is low; a large std does not "
+    "guarantee a large gradient."
+)
+
+
+@dataclass
+class PromptRow:
+    """One prompt of an RFT/diagnostic dataset: `prompt` and an optional labelled `reference`."""
+
+    prompt_id: Any
+    prompt: str
+    reference: str | None = None
+
+
+def load_prompts(path: str | Path, *, need_reference: bool = False) -> list[PromptRow]:
+    """Read a jsonl file with `prompt` and optional `reference` (and optional `id`) per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompts file (expected jsonl with a `prompt` field per line)")
+    rows: list[PromptRow] = []
+    seen: set[Any] = set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a `prompt` field")
+            prompt = obj.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise DataError(f"{path}:{lineno}: field `prompt` must be a non-empty string, got {prompt!r}")
+            ref = obj.get("reference")
+            if ref is not None and not isinstance(ref, str):
+                raise DataError(
+                    f"{path}:{lineno}: field `reference` must be a string, got {type(ref).__name__}"
+                )
+            if need_reference and ref is None:
+                raise DataError(
+                    f"{path}:{lineno}: the reward compares against a reference; add a `reference` field"
+                )
+            pid = obj.get("id", len(rows))
+            if pid in seen:
+                raise DataError(f"{path}:{lineno}: duplicate id {pid!r}")
+            seen.add(pid)
+            rows.append(PromptRow(prompt_id=pid, prompt=prompt, reference=ref))
+    if not rows:
+        raise DataError(f"{path}: no prompts found")
+    return rows
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool | None = None) -> list[int]:
+    """Token ids of a prompt, through the chat template when the tokenizer has one (or when asked).
+
+    The template is rendered to text with the generation prompt and then tokenized without adding
+    special tokens again (the template already holds them).
+    """
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PreflensError("--chat-template was requested but the tokenizer has no chat template")
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) == 0:
+        raise DataError(
+            f"prompt {text[:60]!r} tokenizes to no tokens; a response needs a prompt or BOS before it"
+        )
+    return list(ids)
+
+
+@dataclass
+class Samples:
+    """K sampled completions for each of P prompts, laid out for `sequence_logps` (right-padded).
+
+    Rows p*K .. p*K+K-1 belong to prompt p. `response_mask` marks the generated tokens (up to and
+    including the first EOS).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    completions: list[str]
+    k: int
+    completion_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.input_ids.shape[0] // self.k
+
+    def rows(self, p: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The K rows of prompt p, trimmed to their longest sequence."""
+        sl = slice(p * self.k, (p + 1) * self.k)
+        am = self.attention_mask[sl]
+        t = int(am.sum(1).max())
+        return self.input_ids[sl, :t], am[:, :t], self.response_mask[sl, :t]
+
+
+def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    k: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Samples:
+    """Sample K completions per prompt in one `model.generate` call (left-padded prompts).
+
+    Uses a fresh GenerationConfig so that a checkpoint's own defaults (top_k=50, repetition penalty)
+    do not silently change the sampling distribution: with temperature 1 and top_p 1 the samples come
+    from pi_theta itself, which is what the std and the gradient estimate are about. Randomness comes
+    from torch's global RNG (seed it, or let accelerate restore it on resume).
+    """
+    from transformers import GenerationConfig
+
+    if k < 2:
+        raise PreflensError(
+            f"-k must be at least 2 (the reward std and the RLOO baseline need K >= 2), got {k}"
+        )
+    if temperature <= 0:
+        raise PreflensError(f"--temperature must be > 0 (sampling), got {temperature}")
+    device = next(model.parameters()).device
+    eos = _eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    am = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        am[i, width - len(p) :] = 1
+    cfg = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=k,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=am.to(device), generation_config=cfg)
+    finally:
+        model.train(was_training)
+    gen = out[:, width:].cpu()
+
+    seqs: list[list[int]] = []
+    resp_lens: list[int] = []
+    completions: list[str] = []
+    completion_ids: list[list[int]] = []
+    eos_set = set(eos)
+    for r in range(gen.shape[0]):
+        toks = gen[r].tolist()
+        cut = next((j + 1 for j, t in enumerate(toks) if t in eos_set), len(toks))
+        resp = toks[:cut]
+        if not resp:  # max_new_tokens == 0 is rejected upstream; keep the layout valid anyway
+            raise PreflensError("generation produced no tokens; use --max-new-tokens >= 1")
+        body = resp[:-1] if resp[-1] in eos_set else resp
+        completions.append(tokenizer.decode(body, skip_special_tokens=True))
+        completion_ids.append(resp)
+        seqs.append(list(prompt_ids[r // k]) + resp)
+        resp_lens.append(len(resp))
+    t = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, t), pad, dtype=torch.long)
+    attention = torch.zeros((n, t), dtype=torch.long)
+    response = torch.zeros((n, t), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        response[i, len(s) - resp_lens[i] : len(s)] = True
+    return Samples(input_ids, attention, response, completions, k, completion_ids)
+
+
+def rloo_weights(rewards: Tensor) -> Tensor:
+    """w_i = (r_i - b_i) / K with the leave-one-out baseline b_i = (sum_j r_j - r_i) / (K - 1).
+
+    `rewards` is [P, K]; the policy-gradient estimate for prompt p is sum_i w[p, i] grad log pi(y_i|x_p)
+    (Kool et al. 2019; the RLOO estimator TRL's RLOOTrainer uses).
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise PreflensError("the leave-one-out baseline needs at least 2 samples per prompt")
+    baseline = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    return (rewards - baseline) / k
+
+
+def reward_mean_std(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-prompt mean and std (ddof=1) of a [P, K] reward table."""
+    return rewards.mean(-1), rewards.std(-1, correction=1)
+
+
+def exact_reward_std(probs: Tensor, rewards: Tensor) -> Tensor:
+    """Exact std under the model when the completions can be enumerated (apple/ml-rlgrad's setting):
+    sqrt(sum_y p(y|x) (r(x,y) - sum_y' p(y'|x) r(x,y'))^2). `probs`, `rewards`: [..., Y]."""
+    mean = (probs * rewards).sum(-1, keepdim=True)
+    return ((probs * (rewards - mean) ** 2).sum(-1)).clamp_min(0).sqrt()
+
+
+def policy_gradient_norms(
+    model: nn.Module,
+    samples: Samples,
+    weight_fn: Callable[[int, Tensor], Tensor] | Tensor,
+    *,
+    params: Sequence[nn.Parameter] | None = None,
+    accumulate_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-prompt norms ||sum_i w_i grad log pi(y_i|x_p)|| and the samples' log-probs.
+
+    `weight_fn` is a [P, K] weight table or `fn(p, logps_p) -> w_p [K]` (called with the detached
+    log-probs of the prompt's samples, so a KL-shaped reward can use them). One forward+backward per
+    prompt. With `accumulate_scale` = c the gradient of the loss -c sum_i w_i log pi(y_i|x_p) is added
+    to each parameter's `.grad` (gradient ascent on the reward as descent on that loss), so a trainer
+    gets its update and the per-prompt norms from the same backward passes.
+    Returns (norms [P], logps [P*K] detached).
+    """
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise PreflensError("the model has no trainable parameters")
+    norms, all_logps = [], []
+    for p in range(samples.num_prompts):
+        ids, am, rm = samples.rows(p)
+        dev = params[0].device
+        logps = sequence_logps(model, ids.to(dev), am.to(dev), rm.to(dev)).logps
+        w = weight_fn(p, logps.detach()) if callable(weight_fn) else weight_fn[p]
+        w = w.to(logps.device, logps.dtype)
+        all_logps.append(logps.detach())
+        if not bool(torch.any(w != 0)):  # all rewards equal: the estimate is exactly zero
+            norms.append(torch.zeros((), dtype=torch.float32))
+            continue
+        grads = torch.autograd.grad((w * logps).sum(), params, allow_unused=True)
+        sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+        norms.append(torch.tensor(math.sqrt(sq), dtype=torch.float32))
+        if accumulate_scale is not None:
+            for prm, g in zip(params, grads):
+                if g is None:
+                    continue
+                upd = -accumulate_scale * g
+                if prm.grad is None:
+                    prm.grad = upd.detach().clone()
+                else:
+                    prm.grad.add_(upd)
+    return torch.stack(norms), torch.cat(all_logps).cpu()
+
+
+@dataclass
+class RewardStdResult:
+    """Per-prompt diagnostic rows and the raw samples (for `samples.parquet`)."""
+
+    rows: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+
+
+def reward_std_diagnostic(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[PromptRow],
+    reward: Reward,
+    *,
+    k: int = 8,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    chat_template: bool | None = None,
+    compute_grad_norm: bool = True,
+    std_threshold: float = 0.1,
+    on_batch: Callable[[RewardStdResult], None] | None = None,
+    result: RewardStdResult | None = None,
+) -> RewardStdResult:
+    """Sample, score and measure every prompt, `batch_size` prompts per generation call.
+
+    Results accumulate in `result` (pass one in to keep what was computed if a later batch fails:
+    the caller can save `result` from its exception handler) and `on_batch` is called after each
+    batch (e.g. to write the partial parquet).
+    """
+    result = result if result is not None else RewardStdResult(rows=[], samples=[])
+    encoded = [encode_prompt(tokenizer, r.prompt, chat_template) for r in prompts]
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        samples = sample_completions(
+            model,
+            tokenizer,
+            encoded[start : start + batch_size],
+            k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        group = [i // k for i in range(len(samples.completions))]
+        values = score(
+            reward,
+            [batch[g].prompt for g in group],
+            samples.completions,
+            [batch[g].reference for g in group],
+            group=group,
+            prompt_ids=[r.prompt_id for r in batch],
+        )
+        rewards = torch.tensor(values, dtype=torch.float64).view(len(batch), k)
+        mean, std = reward_mean_std(rewards)
+        if compute_grad_norm:
+            norms, logps = policy_gradient_norms(model, samples, rloo_weights(rewards).float())
+        else:
+            norms, logps = torch.full((len(batch),), float("nan")), torch.full((len(group),), float("nan"))
+        for p, row in enumerate(batch):
+            result.rows.append(
+                {
+                    "prompt_id": row.prompt_id,
+                    "prompt": row.prompt,
+                    "reward_mean": float(mean[p]),
+                    "reward_std": float(std[p]),
+                    "grad_norm": float(norms[p]),
+                    "small_std": bool(std[p] < std_threshold),
+                    "k": k,
+                }
+            )
+        for i, comp in enumerate(samples.completions):
+            result.samples.append(
+                {
+                    "prompt_id": batch[group[i]].prompt_id,
+                    "sample": i % k,
+                    "completion": comp,
+                    "reward": values[i],
+                    "logp": float(logps[i]),
+                    "num_tokens": len(samples.completion_ids[i]),
+                }
+            )
+        if on_batch is not None:
+            on_batch(result)
+    return result
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]],
+    *,
+    std_threshold: float,
+    low_reward: float | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Fractions of prompts with small std, low reward, and both (the paper's Finding I).
+
+    "Low reward" is mean reward below `low_reward`; by default the midpoint of the reward's range when
+    the reward is bounded, else the median of the per-prompt means (the summary says which).
+    """
+    import statistics
+
+    if not rows:
+        return {"num_prompts": 0}
+    means = [r["reward_mean"] for r in rows]
+    if low_reward is not None:
+        thr, how = low_reward, "given (--low-reward)"
+    elif value_range is not None:
+        thr, how = (value_range[0] + value_range[1]) / 2, f"midpoint of the reward range {list(value_range)}"
+    else:
+        thr, how = statistics.median(means), "median of the per-prompt mean rewards"
+    small = [r["reward_std"] < std_threshold for r in rows]
+    low = [m < thr for m in means]
+    n = len(rows)
+    norms_small = [r["grad_norm"] for r, s in zip(rows, small) if s and not math.isnan(r["grad_norm"])]
+    norms_rest = [r["grad_norm"] for r, s in zip(rows, small) if not s and not math.isnan(r["grad_norm"])]
+    return {
+        "num_prompts": n,
+        "std_threshold": std_threshold,
+        "low_reward_threshold": thr,
+        "low_reward_threshold_from": how,
+        "frac_small_std": sum(small) / n,
+        "frac_low_reward": sum(low) / n,
+        "frac_small_std_and_low_reward": sum(s and lo for s, lo in zip(small, low)) / n,
+        "reward_mean": sum(means) / n,
+        "reward_std_mean": sum(r["reward_std"] for r in rows) / n,
+        "grad_norm_median_small_std": statistics.median(norms_small) if norms_small else None,
+        "grad_norm_median_other": statistics.median(norms_rest) if norms_rest else None,
+        "note": THEOREM_NOTE,
+    }

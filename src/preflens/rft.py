@@ -1,0 +1,611 @@
+"""Reinforcement finetuning (REINFORCE with a leave-one-out baseline, RLOO) that tracks reward std.
+
+Why this module exists (seed 003; Razin et al., ICLR 2024): policy-gradient finetuning stalls on
+prompts whose reward has a small standard deviation under the model, because ||grad V_x|| =
+O(STD[r]^(2/3)). TRL's RLOO/GRPO trainers log a batch-level reward std; here every step records,
+*per prompt*, the reward mean and std and the norm of the prompt's policy-gradient estimate, so the
+stall is visible prompt by prompt, and an optional short initial SFT phase (the talk's fix: "a few
+steps of SFT on a small number of labelled samples") can be compared before/after.
+
+The update, for a batch of P prompts with K samples each (Kool et al. 2019; TRL RLOOTrainer):
+    loss = -1/P sum_p sum_i w_{p,i} log pi(y_{p,i} | x_p),   w = rloo_weights(r')  (see reward_std.py)
+with the KL penalty to the reference (the model at the start of RFT) folded into the reward as in
+Ziegler et al. 2019 / InstructGPT: r'_i = r_i - kl_coef (log pi(y_i|x) - log pi_ref(y_i|x)), the log
+ratio detached (its gradient term E[grad log pi] is zero in expectation). The per-prompt gradients are
+computed one prompt at a time (gradient accumulation with one prompt per micro-batch), so the update
+and the per-prompt gradient norms come from the same backward passes.
+
+Run directory (like `preflens train`): `config.yaml`, `metrics.jsonl` (keys: step, split, phase,
+reward/mean, reward/std, frac_small_std, grad_norm, kl, loss, lr), `prompts.parquet` (step, split,
+phase, prompt_id, reward_mean, reward_std, grad_norm), `checkpoints/step-N/` (accelerate save_state:
+model, optimizers, RNG, loop position), `sft/` (the model after the initial SFT phase), `final/`,
+`summary.json`. Single process for now: the per-prompt backward passes bypass DDP's gradient hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from preflens.diagnostics.reward_std import (
+    PromptRow,
+    encode_prompt,
+    policy_gradient_norms,
+    reward_mean_std,
+    reward_std_diagnostic,
+    rloo_weights,
+    sample_completions,
+    summarize,
+)
+from preflens.errors import PreflensError, RunDirError
+from preflens.logprobs import sequence_logps
+from preflens.rewards import Reward, RewardError, score
+
+__all__ = ["RFTConfig", "train_rft", "prepare_run_dir", "latest_checkpoint"]
+
+
+@dataclass
+class RFTConfig:
+    """Hyper-parameters of `preflens rft` (flag names match the fields)."""
+
+    steps: int = 100
+    """RFT optimizer steps (after the initial SFT steps)."""
+    k: int = 8
+    """Samples per prompt (apple/ml-rlgrad use 10 for reward statistics)."""
+    prompts_per_step: int = 8
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    kl_coef: float = 0.0
+    """Penalty on log pi - log pi_ref in the reward; pi_ref is the model when RFT starts (after SFT)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    chat_template: bool | None = None
+    std_threshold: float = 0.1
+    """A prompt's reward std below this (in reward units) counts as small."""
+    low_reward: float | None = None
+    eval_every: int = 0
+    """Evaluate (sample, score, gradient norms, no update) every N RFT steps; 0: start, after SFT, end."""
+    eval_prompts: int | None = None
+    """Evaluate on the first N prompts (None: all)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end and when a reward fails)."""
+    initial_sft: int = 0
+    """SFT steps on the `reference` completions before RFT."""
+    sft_fraction: float = 1.0
+    """Fraction of the prompts (with a reference) used by the initial SFT phase."""
+    sft_lr: float | None = None
+    sft_batch_size: int = 8
+    seed: int = 0
+
+
+class _LoopState:
+    """Where the loop is (optimizer steps done, data position): saved with accelerate's checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.pos = {"sft": [0, 0], "rft": [0, 0]}  # phase -> [epoch, cursor]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "pos": copy.deepcopy(self.pos)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = int(sd["step"])
+        self.pos = {k: list(v) for k, v in sd["pos"].items()}
+
+
+def _next_indices(state: _LoopState, phase: str, pool: list[int], size: int, seed: int) -> list[int]:
+    """The next `size` items of a seeded per-epoch permutation of `pool` (wrapping into new epochs)."""
+    out: list[int] = []
+    while len(out) < size:
+        epoch, cursor = state.pos[phase]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + (phase == "sft"))
+        order = torch.randperm(len(pool), generator=g).tolist()
+        take = order[cursor : cursor + size - len(out)]
+        out.extend(pool[i] for i in take)
+        cursor += len(take)
+        state.pos[phase] = [epoch + 1, 0] if cursor >= len(pool) else [epoch, cursor]
+    return out
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing run unless asked: --overwrite deletes it, --resume continues it."""
+    if overwrite and resume:
+        raise RunDirError("--overwrite and --resume exclude each other")
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise RunDirError(
+                f"{path} exists and is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
+        shutil.rmtree(path)
+    elif resume:
+        raise RunDirError(f"{path}: nothing to resume (no such run directory)")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """checkpoints/step-N with the largest N, or None."""
+    ckpts = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name[5:])) if ckpts else None
+
+
+class _RunLog:
+    """metrics.jsonl (appended line by line) and prompts.parquet (rewritten atomically on flush)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.prompts_path = run_dir / "prompts.parquet"
+        self.prompt_rows: list[dict[str, Any]] = []
+
+    def truncate(self, step: int) -> None:
+        """On resume: drop what was logged after the checkpoint (it will be recomputed)."""
+        if self.metrics_path.exists():
+            keep = [
+                ln
+                for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step
+            ]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        if self.prompts_path.exists():
+            import pandas as pd
+
+            df = pd.read_parquet(self.prompts_path)
+            self.prompt_rows = df[df["step"] <= step].to_dict("records")
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def prompts(self, rows: list[dict[str, Any]]) -> None:
+        self.prompt_rows.extend(rows)
+
+    def flush(self) -> None:
+        import pandas as pd
+
+        tmp = self.prompts_path.with_suffix(".parquet.tmp")
+        df = pd.DataFrame(self.prompt_rows)
+        if "prompt_id" in df:
+            df["prompt_id"] = df["prompt_id"].astype(str)
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, self.prompts_path)
+
+
+def _sft_batch(
+    tokenizer: Any, prompt_ids: list[list[int]], refs: list[str], eos: int | None
+) -> dict[str, torch.Tensor]:
+    """prompt + reference (+ EOS) rows, right-padded, with the reference marked as the response."""
+    seqs, starts = [], []
+    for p, r in zip(prompt_ids, refs):
+        resp = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+        if not resp:
+            raise PreflensError(f"reference {r!r} tokenizes to no tokens")
+        seqs.append(list(p) + resp)
+        starts.append(len(p))
+    t = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    am = torch.zeros((len(seqs), t), dtype=torch.long)
+    rm = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        am[i, : len(s)] = 1
+        rm[i, st : len(s)] = True
+    return {"input_ids": ids, "attention_mask": am, "response_mask": rm}
+
+
+def _set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def train_rft(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[PromptRow],
+    reward: Reward,
+    config: RFTConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_config: dict[str, Any] | None = None,
+    log_fn: Any = None,
+) -> dict[str, Any]:
+    """Run (optionally) `config.initial_sft` SFT steps, then `config.steps` RLOO steps; return the summary.
+
+    Evaluations (all or `eval_prompts` prompts: sample K, score, per-prompt gradient norms, no update)
+    run at step 0 (`phase=init`), after SFT (`after_sft`), every `eval_every` RFT steps (`rft`) and at
+    the end (`final`). A reward that raises/returns garbage stops the run with a `RewardError` naming the
+    prompt, after saving the logs and a checkpoint of the last completed step (resume with `resume=True`).
+    """
+    from accelerate import Accelerator
+
+    _validate(config, rows)
+    run_dir = Path(output_dir)
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    say = log_fn or (lambda msg: None)
+
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        raise PreflensError("preflens rft runs in a single process (launch it without accelerate/torchrun)")
+    if resume is False:
+        _set_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_sft = torch.optim.AdamW(params, lr=config.sft_lr or config.lr, weight_decay=config.weight_decay)
+    opt_rft = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model, opt_sft, opt_rft = accelerator.prepare(model, opt_sft, opt_rft)
+    state = _LoopState()
+    accelerator.register_for_checkpointing(state)
+    log = _RunLog(run_dir)
+
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise RunDirError(f"{run_dir}: no checkpoints/step-N to resume from")
+        accelerator.load_state(str(ckpt))
+        log.truncate(state.step)
+        say(f"resumed from {ckpt} (step {state.step})")
+    else:
+        import yaml
+
+        cfg = {**asdict(config), **(extra_config or {}), "reward": reward.name, "num_prompts": len(rows)}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    device = accelerator.device
+    encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in rows]
+    eos = tokenizer.eos_token_id
+    eval_rows = rows[: config.eval_prompts] if config.eval_prompts else rows
+    with_ref = [i for i, r in enumerate(rows) if r.reference is not None]
+    n_sft = max(1, math.ceil(config.sft_fraction * len(with_ref))) if config.initial_sft else 0
+    sft_pool = sorted(
+        with_ref[i]
+        for i in torch.randperm(len(with_ref), generator=torch.Generator().manual_seed(config.seed))[:n_sft]
+    )
+    total = config.initial_sft + config.steps
+    evals: dict[str, dict[str, Any]] = _load_evals(run_dir) if resume else {}
+    ref_model: nn.Module | None = None
+
+    def save_checkpoint() -> None:
+        log.flush()
+        accelerator.save_state(str(run_dir / "checkpoints" / f"step-{state.step}"))
+
+    def evaluate(phase: str) -> None:
+        res = reward_std_diagnostic(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            eval_rows,
+            reward,
+            k=config.k,
+            batch_size=config.prompts_per_step,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            chat_template=config.chat_template,
+            std_threshold=config.std_threshold,
+        )
+        summ = summarize(
+            res.rows,
+            std_threshold=config.std_threshold,
+            low_reward=config.low_reward,
+            value_range=reward.value_range,
+        )
+        log.metrics(
+            {
+                "step": state.step,
+                "split": "eval",
+                "phase": phase,
+                "reward/mean": summ["reward_mean"],
+                "reward/std": summ["reward_std_mean"],
+                "frac_small_std": summ["frac_small_std"],
+                "frac_small_std_and_low_reward": summ["frac_small_std_and_low_reward"],
+                "grad_norm": sum(r["grad_norm"] for r in res.rows) / len(res.rows),
+            }
+        )
+        log.prompts(
+            [
+                {
+                    "step": state.step,
+                    "split": "eval",
+                    "phase": phase,
+                    "prompt_id": r["prompt_id"],
+                    "reward_mean": r["reward_mean"],
+                    "reward_std": r["reward_std"],
+                    "grad_norm": r["grad_norm"],
+                }
+                for r in res.rows
+            ]
+        )
+        evals[phase] = {"step": state.step, **{k: v for k, v in summ.items() if k != "note"}}
+        (run_dir / "evals.json").write_text(json.dumps(evals, indent=2))
+        say(
+            f"[{phase} @ step {state.step}] reward {summ['reward_mean']:.4f}  "
+            f"small-std {summ['frac_small_std']:.1%}  small-std & low reward {summ['frac_small_std_and_low_reward']:.1%}"
+        )
+
+    def guarded(fn: Any, what: str) -> Any:
+        """Run one step; if the reward breaks, save logs + a checkpoint of the last good step first."""
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            return fn()
+        except RewardError as exc:
+            for o in (opt_sft, opt_rft):
+                o.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)  # the checkpoint replays the failed step's sampling on resume
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            saved = "" if state.step == 0 else f" and checkpoints/step-{state.step}"
+            if state.step:
+                save_checkpoint()
+            else:
+                log.flush()
+            raise RewardError(
+                f"{exc} [during {what} at step {state.step + 1}; the logs{saved} in {run_dir} keep everything "
+                "computed so far; fix the reward and rerun with --resume]"
+            ) from exc
+
+    try:
+        if state.step == 0:
+            guarded(lambda: evaluate("init"), "the initial evaluation")
+
+        model.train()
+        while state.step < config.initial_sft:
+            loss, gnorm = _sft_step(
+                model, tokenizer, rows, encoded, sft_pool, state, config, opt_sft, eos, device
+            )
+            state.step += 1
+            log.metrics(
+                {
+                    "step": state.step,
+                    "split": "train",
+                    "phase": "sft",
+                    "loss": loss,
+                    "grad_norm": gnorm,
+                    "lr": opt_sft.param_groups[0]["lr"],
+                }
+            )
+            if state.step == config.initial_sft:
+                guarded(lambda: evaluate("after_sft"), "the post-SFT evaluation")
+                accelerator.unwrap_model(model).save_pretrained(run_dir / "sft")
+            if config.save_every and state.step % config.save_every == 0:
+                save_checkpoint()
+
+        if config.kl_coef > 0:
+            ref_model = _reference_model(model, accelerator, run_dir, config, state)
+            ref_model.to(device).eval().requires_grad_(False)
+
+        while state.step < total:
+            row = guarded(
+                lambda: _rft_step(
+                    model, tokenizer, rows, encoded, state, config, opt_rft, reward, ref_model, device
+                ),
+                "RFT sampling/scoring",
+            )
+            state.step += 1
+            metrics, prompt_rows = row
+            log.metrics({"step": state.step, "split": "train", "phase": "rft", **metrics})
+            log.prompts([{"step": state.step, "split": "train", "phase": "rft", **r} for r in prompt_rows])
+            rft_done = state.step - config.initial_sft
+            if config.eval_every and rft_done % config.eval_every == 0 and state.step < total:
+                guarded(lambda: evaluate("rft"), "an evaluation")
+            if config.save_every and state.step % config.save_every == 0:
+                save_checkpoint()
+
+        if "final" not in evals or evals["final"]["step"] != state.step:
+            guarded(lambda: evaluate("final"), "the final evaluation")
+        save_checkpoint()
+    finally:
+        if log.prompt_rows:
+            log.flush()
+
+    final_dir = run_dir / "final"
+    accelerator.unwrap_model(model).save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    summary = _summary(evals, config)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _reference_model(
+    model: nn.Module, accelerator: Any, run_dir: Path, config: RFTConfig, state: _LoopState
+) -> nn.Module:
+    """The KL reference: the model when RFT starts.
+
+    With an initial SFT phase that is the post-SFT model, saved in `sft/`. Without one it is the
+    initial model: on a fresh run a frozen copy of the model now, also saved in `reference/` so that a
+    resumed run (whose weights came from a checkpoint) finds the same reference.
+    """
+    base = accelerator.unwrap_model(model)
+    if config.initial_sft:
+        return type(base).from_pretrained(run_dir / "sft")
+    ref_dir = run_dir / "reference"
+    if state.step > 0:
+        if not ref_dir.exists():
+            raise RunDirError(f"{ref_dir}: the KL reference model of this run is missing; cannot resume")
+        return type(base).from_pretrained(ref_dir)
+    base.save_pretrained(ref_dir)
+    return copy.deepcopy(base)
+
+
+def _validate(config: RFTConfig, rows: list[PromptRow]) -> None:
+    if config.k < 2:
+        raise PreflensError(
+            f"-k must be >= 2 (RLOO baseline and reward std need two samples), got {config.k}"
+        )
+    if config.steps < 0 or config.initial_sft < 0:
+        raise PreflensError("--steps and --initial-sft must be >= 0")
+    if config.prompts_per_step < 1 or config.sft_batch_size < 1:
+        raise PreflensError("--prompts-per-step and --sft-batch-size must be >= 1")
+    if not 0 < config.sft_fraction <= 1:
+        raise PreflensError(f"--sft-fraction must be in (0, 1], got {config.sft_fraction}")
+    if config.max_new_tokens < 1:
+        raise PreflensError("--max-new-tokens must be >= 1")
+    if config.initial_sft and not any(r.reference is not None for r in rows):
+        raise PreflensError(
+            "--initial-sft needs labelled completions: add a `reference` field to (some of) the prompts"
+        )
+
+
+def _sft_step(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[PromptRow],
+    encoded: list[list[int]],
+    pool: list[int],
+    state: _LoopState,
+    config: RFTConfig,
+    opt: torch.optim.Optimizer,
+    eos: int | None,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One SFT step: mean token NLL of the references given their prompts."""
+    idx = _next_indices(state, "sft", pool, min(config.sft_batch_size, len(pool)), config.seed)
+    b = _sft_batch(tokenizer, [encoded[i] for i in idx], [rows[i].reference or "" for i in idx], eos)
+    out = sequence_logps(model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask")))
+    loss = -out.logps.sum() / out.lengths.sum()
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], config.max_grad_norm or float("inf")
+    )
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss), float(gnorm)
+
+
+def _rft_step(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[PromptRow],
+    encoded: list[list[int]],
+    state: _LoopState,
+    config: RFTConfig,
+    opt: torch.optim.Optimizer,
+    reward: Reward,
+    ref_model: nn.Module | None,
+    device: torch.device,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One RLOO step over `prompts_per_step` prompts; returns the metrics row and per-prompt rows.
+
+    The data position is advanced only on success (a failing reward leaves `state` as it was, so the
+    emergency checkpoint resumes at the same prompts).
+    """
+    t0 = time.perf_counter()
+    saved_pos = copy.deepcopy(state.pos)
+    idx = _next_indices(state, "rft", list(range(len(rows))), config.prompts_per_step, config.seed)
+    try:
+        k = config.k
+        samples = sample_completions(
+            model,
+            tokenizer,
+            [encoded[i] for i in idx],
+            k,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+        )
+        group = [i // k for i in range(len(samples.completions))]
+        values = score(
+            reward,
+            [rows[idx[g]].prompt for g in group],
+            samples.completions,
+            [rows[idx[g]].reference for g in group],
+            group=group,
+            prompt_ids=[rows[i].prompt_id for i in idx],
+        )
+    except Exception:
+        state.pos = saved_pos
+        raise
+    rewards = torch.tensor(values, dtype=torch.float64).view(len(idx), k)
+    mean, std = reward_mean_std(rewards)
+    ref_logps = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logps = torch.cat(
+                [
+                    sequence_logps(ref_model, *(t.to(device) for t in samples.rows(p))).logps.cpu()
+                    for p in range(len(idx))
+                ]
+            )
+    weights: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+
+    def weight_fn(p: int, logps: torch.Tensor) -> torch.Tensor:
+        r = rewards[p].to(logps.device, torch.float64)
+        if ref_logps is not None:
+            kl = logps.double() - ref_logps[p * k : (p + 1) * k].to(logps.device).double()
+            kls.append(kl.cpu())
+            r = r - config.kl_coef * kl
+        w = rloo_weights(r.unsqueeze(0))[0].float()
+        weights.append(w.cpu())
+        return w
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms, logps = policy_gradient_norms(
+        model, samples, weight_fn, params=params, accumulate_scale=1.0 / len(idx)
+    )
+    gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    w_all = torch.cat(weights)
+    loss = float(-(w_all * logps).sum() / len(idx))
+    metrics = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(std.mean()),
+        "frac_small_std": float((std < config.std_threshold).double().mean()),
+        "grad_norm": float(gnorm),
+        "kl": float(torch.cat(kls).mean()) if kls else 0.0,
+        "loss": loss,
+        "lr": opt.param_groups[0]["lr"],
+        "step_time": time.perf_counter() - t0,
+    }
+    prompt_rows = [
+        {
+            "prompt_id": rows[i].prompt_id,
+            "reward_mean": float(mean[p]),
+            "reward_std": float(std[p]),
+            "grad_norm": float(norms[p]),
+        }
+        for p, i in enumerate(idx)
+    ]
+    return metrics, prompt_rows
+
+
+def _load_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
+    path = run_dir / "evals.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _summary(evals: dict[str, dict[str, Any]], config: RFTConfig) -> dict[str, Any]:
+    """Before/after numbers: how the small-std fraction and the reward moved through SFT and RFT."""
+    out: dict[str, Any] = {"evals": evals}
+    for key in ("frac_small_std", "frac_small_std_and_low_reward", "reward_mean"):
+        out[key] = {ph: ev[key] for ph, ev in evals.items() if key in ev}
+    if config.initial_sft and "init" in evals and "after_sft" in evals:
+        out["sft_effect"] = {
+            "frac_small_std_before": evals["init"]["frac_small_std"],
+            "frac_small_std_after": evals["after_sft"]["frac_small_std"],
+            "reward_mean_before": evals["init"]["reward_mean"],
+            "reward_mean_after": evals["after_sft"]["reward_mean"],
+        }
+    return out
