@@ -283,7 +283,7 @@ def train_rft(
         for i in torch.randperm(len(with_ref), generator=torch.Generator().manual_seed(config.seed))[:n_sft]
     )
     total = config.initial_sft + config.steps
-    evals: dict[str, dict[str, Any]] = _load_evals(run_dir) if resume else {}
+    evals = _load_evals(run_dir, state.step) if resume else {}
     ref_model: nn.Module | None = None
 
     def save_checkpoint() -> None:
@@ -591,9 +591,11 @@ def _rft_step(
     return metrics, prompt_rows
 
 
-def _load_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
+def _load_evals(run_dir: Path, step: int) -> dict[str, dict[str, Any]]:
+    """Evaluations logged up to the resumed checkpoint's step (later ones will be redone)."""
     path = run_dir / "evals.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    evals = json.loads(path.read_text()) if path.exists() else {}
+    return {ph: ev for ph, ev in evals.items() if ev["step"] <= step}
 
 
 def _summary(evals: dict[str, dict[str, Any]], config: RFTConfig) -> dict[str, Any]:

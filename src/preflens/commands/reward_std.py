@@ -1,0 +1,208 @@
+"""`preflens reward-std`: which prompts will RFT fail to move? (seed 003, vanishing gradients).
+
+Samples K completions per prompt, scores them, and writes per prompt the reward mean/std and the
+norm of the RLOO policy-gradient estimate (`reward_std.parquet`), every sample (`samples.parquet`),
+and `summary.json` (fractions of prompts with small std, low reward, both). Results are written after
+every batch of prompts, so a reward that fails on prompt 900 keeps the first 899.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from preflens.errors import PreflensError, RunDirError
+
+
+def _load(name: str | None) -> tuple[Any, Any]:
+    """Model + tokenizer through preflens.models (None: the embedded SmolLM2)."""
+    from preflens.models import load_model
+
+    return load_model(name)
+
+
+def _write(out: Path, result: Any, summary: dict[str, Any]) -> None:
+    import pandas as pd
+
+    for name, rows in (("reward_std", result.rows), ("samples", result.samples)):
+        df = pd.DataFrame(rows)
+        if "prompt_id" in df:
+            df["prompt_id"] = df["prompt_id"].astype(str)
+        tmp = out / f"{name}.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out / f"{name}.parquet")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def run_reward_std(
+    *,
+    model: str | None,
+    prompts: Path,
+    reward: str,
+    k: int = 8,
+    output_dir: Path,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    std_threshold: float = 0.1,
+    low_reward: float | None = None,
+    chat_template: bool | None = None,
+    grad_norm: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The command's work, callable from Python; returns the summary dict."""
+    import torch
+
+    from preflens.diagnostics.reward_std import (
+        RewardStdResult,
+        load_prompts,
+        reward_std_diagnostic,
+        summarize,
+    )
+    from preflens.rewards import RewardError, get_reward
+
+    out = Path(output_dir)
+    if (out / "reward_std.parquet").exists() and not overwrite:
+        raise RunDirError(f"{out} already holds reward_std.parquet; pass --overwrite to replace it")
+    if k < 2:
+        raise PreflensError(
+            f"-k must be at least 2 (reward std and the RLOO baseline need two samples), got {k}"
+        )
+    rew = get_reward(reward)
+    rows = load_prompts(prompts, need_reference=rew.needs_reference)
+    lm, tok = _load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    result = RewardStdResult(rows=[], samples=[])
+
+    def summary(partial: bool) -> dict[str, Any]:
+        s = summarize(
+            result.rows, std_threshold=std_threshold, low_reward=low_reward, value_range=rew.value_range
+        )
+        return {
+            **s,
+            "partial": partial,
+            "reward": rew.name,
+            "k": k,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
+
+    try:
+        reward_std_diagnostic(
+            lm,
+            tok,
+            rows,
+            rew,
+            k=k,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            chat_template=chat_template,
+            compute_grad_norm=grad_norm,
+            std_threshold=std_threshold,
+            on_batch=lambda res: _write(out, res, summary(partial=True)),
+            result=result,
+        )
+    except RewardError as exc:
+        _write(out, result, summary(partial=True))
+        raise RewardError(
+            f"{exc}; results for the first {len(result.rows)} of {len(rows)} prompts are saved in {out}"
+        ) from exc
+    final = summary(partial=False)
+    _write(out, result, final)
+    return final
+
+
+def _print(summary: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(
+        title=f"reward std over {summary['num_prompts']} prompts (K={summary['k']}, reward {summary['reward']})"
+    )
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("mean reward", f"{summary['reward_mean']:.4f}")
+    t.add_row("mean per-prompt reward std", f"{summary['reward_std_mean']:.4f}")
+    t.add_row(f"small std (< {summary['std_threshold']})", f"{summary['frac_small_std']:.1%}")
+    t.add_row(f"low reward (< {summary['low_reward_threshold']:.4g})", f"{summary['frac_low_reward']:.1%}")
+    t.add_row("small std AND low reward", f"{summary['frac_small_std_and_low_reward']:.1%}")
+    for key, label in (
+        ("grad_norm_median_small_std", "median grad norm, small std"),
+        ("grad_norm_median_other", "median grad norm, others"),
+    ):
+        if summary.get(key) is not None:
+            t.add_row(label, f"{summary[key]:.4g}")
+    console.print(t)
+    console.print(f"[dim]{summary['note']}[/dim]")
+    console.print(f"wrote {out}/reward_std.parquet, samples.parquet, summary.json")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("reward-std")
+    def reward_std(
+        prompts: Path = typer.Option(
+            ..., "--prompts", help="jsonl with `prompt` and optional `reference` (and `id`)"
+        ),
+        reward: str = typer.Option(
+            ...,
+            "--reward",
+            help="exact[:C,W] | normalized | regex:PATTERN | keyword:W1,W2 | length:N | rougeL | model:/path | module:function",
+        ),
+        model: str = typer.Option(
+            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
+        ),
+        k: int = typer.Option(8, "-k", "--k", help="samples per prompt (apple/ml-rlgrad use 10)"),
+        output_dir: Path = typer.Option(Path("reward_std"), "--output-dir", "-o"),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+        temperature: float = typer.Option(1.0, "--temperature", help="1.0 samples from the model itself"),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(8, "--batch-size", help="prompts per generation call"),
+        std_threshold: float = typer.Option(
+            0.1, "--std-threshold", help="reward std below this counts as small"
+        ),
+        low_reward: float = typer.Option(
+            None,
+            "--low-reward",
+            help="mean reward below this counts as low (default: range midpoint or median)",
+        ),
+        chat_template: bool = typer.Option(
+            None,
+            "--chat-template/--no-chat-template",
+            help="default: use the tokenizer's template if it has one",
+        ),
+        grad_norm: bool = typer.Option(
+            True, "--grad-norm/--no-grad-norm", help="also estimate ||grad V_x|| (one backward per prompt)"
+        ),
+        overwrite: bool = typer.Option(False, "--overwrite"),
+    ) -> None:
+        """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
+        summary = run_reward_std(
+            model=model,
+            prompts=prompts,
+            reward=reward,
+            k=k,
+            output_dir=output_dir,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            std_threshold=std_threshold,
+            low_reward=low_reward,
+            chat_template=chat_template,
+            grad_norm=grad_norm,
+            overwrite=overwrite,
+        )
+        _print(summary, output_dir)

@@ -1,0 +1,269 @@
+"""Reward-std diagnostic: sampling layout, std and RLOO gradient norms vs an explicit per-sample loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from preflens.diagnostics.reward_std import (
+    PromptRow,
+    encode_prompt,
+    exact_reward_std,
+    load_prompts,
+    policy_gradient_norms,
+    reward_std_diagnostic,
+    rloo_weights,
+    sample_completions,
+    summarize,
+)
+from preflens.errors import DataError
+from preflens.rewards import RewardError, get_reward
+
+WORDS = ("apple", "banana", "cherry", "say", "the", "word", "please", "x", "y", "z")
+
+
+def make_tiny(seed: int = 0):
+    """A 2-layer Llama and a word-level tokenizer over WORDS (ids: pad 0, bos 1, eos 2, unk 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg), tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
+
+
+def _explicit_logp(model, seq: list[int], n_prompt: int) -> torch.Tensor:
+    """log pi(y|x) of one unpadded sequence from a plain full forward (independent of preflens.logprobs)."""
+    ids = torch.tensor([seq])
+    logits = model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return sum(lp[t - 1, seq[t]] for t in range(n_prompt, len(seq)))
+
+
+def test_sampling_layout(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    prompts = [encode_prompt(tok, "say apple"), encode_prompt(tok, "x")]
+    s = sample_completions(model, tok, prompts, 3, max_new_tokens=4)
+    assert s.input_ids.shape[0] == 6 and s.num_prompts == 2
+    for i in range(6):
+        p = prompts[i // 3]
+        n = int(s.attention_mask[i].sum())
+        resp = s.input_ids[i, len(p) : n].tolist()
+        assert s.input_ids[i, : len(p)].tolist() == p
+        assert s.response_mask[i].nonzero().flatten().tolist() == list(range(len(p), n))
+        assert resp == s.completion_ids[i]
+        assert 1 <= len(resp) <= 4
+        assert 2 not in resp[:-1]  # nothing after the first EOS
+        assert s.completions[i] == tok.decode([t for t in resp if t != 2], skip_special_tokens=True)
+
+
+def test_grad_norms_and_std_match_explicit_per_sample_loop(tiny):
+    model, tok = tiny
+    torch.manual_seed(1)
+    prompts = [encode_prompt(tok, "say the word apple"), encode_prompt(tok, "please say banana")]
+    k = 4
+    s = sample_completions(model, tok, prompts, k, max_new_tokens=5)
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 2.0], [0.3, -1.0, 0.3, 0.7]])
+    norms, logps = policy_gradient_norms(model, s, rloo_weights(rewards))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in range(2):
+        per_sample = []
+        for i in range(k):
+            row = p * k + i
+            seq = s.input_ids[row, : int(s.attention_mask[row].sum())].tolist()
+            lp = _explicit_logp(model, seq, len(prompts[p]))
+            assert float(lp.detach()) == pytest.approx(float(logps[row]), abs=1e-4)
+            per_sample.append(torch.autograd.grad(lp, params))
+        r = rewards[p].tolist()
+        # RLOO (Kool et al. 2019): g = 1/K sum_i (r_i - mean of the other K-1 rewards) grad log pi(y_i|x)
+        g = [torch.zeros_like(q) for q in params]
+        for i in range(k):
+            b_i = (sum(r) - r[i]) / (k - 1)
+            for acc, gi in zip(g, per_sample[i]):
+                acc += (r[i] - b_i) / k * gi
+        want = math.sqrt(sum(float((x**2).sum()) for x in g))
+        assert float(norms[p]) == pytest.approx(want, rel=1e-4)
+        assert statistics.stdev(r) == pytest.approx(float(rewards[p].std()), rel=1e-6)
+
+
+def test_equal_rewards_give_zero_gradient(tiny):
+    model, tok = tiny
+    torch.manual_seed(2)
+    s = sample_completions(model, tok, [encode_prompt(tok, "say apple")] * 2, 4, max_new_tokens=3)
+    rewards = torch.tensor([[0.7] * 4, [1.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(rloo_weights(rewards)[0], torch.zeros(4))
+    norms, _ = policy_gradient_norms(model, s, rloo_weights(rewards))
+    assert float(norms[0]) == 0.0
+    assert float(norms[1]) > 0.0
+
+
+def test_accumulated_gradient_is_the_mean_of_per_prompt_estimates(tiny):
+    model, tok = tiny
+    torch.manual_seed(3)
+    s = sample_completions(
+        model, tok, [encode_prompt(tok, "x"), encode_prompt(tok, "y")], 3, max_new_tokens=3
+    )
+    w = rloo_weights(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    policy_gradient_norms(model, s, w, accumulate_scale=0.5)
+    got = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    # reference: the loss -1/P sum_p sum_i w_pi log pi(y_pi|x_p), each sequence forwarded on its own
+    loss = 0.0
+    for row in range(6):
+        seq = s.input_ids[row, : int(s.attention_mask[row].sum())].tolist()
+        n_prompt = 1  # "x" and "y" are one-token prompts
+        loss = loss - 0.5 * w.flatten()[row] * _explicit_logp(model, seq, n_prompt)
+    want = torch.autograd.grad(loss, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_exact_std_of_pm1_reward_is_bernoulli_formula():
+    # r = +1 w.p. q, -1 otherwise: std = 2 sqrt(q (1 - q))
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.2, 0.5, 0.3]])
+    rewards = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0]])
+    want = torch.tensor([2 * math.sqrt(0.9 * 0.1), 2 * math.sqrt(0.5 * 0.5)])
+    torch.testing.assert_close(exact_reward_std(probs, rewards), want)
+
+
+def test_diagnostic_rows_and_summary(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    rows = [PromptRow(i, p) for i, p in enumerate(["say apple", "say banana", "x y", "please"])]
+    res = reward_std_diagnostic(
+        model, tok, rows, get_reward("keyword:apple"), k=4, batch_size=3, max_new_tokens=3
+    )
+    assert [r["prompt_id"] for r in res.rows] == [0, 1, 2, 3]
+    assert len(res.samples) == 16
+    for r in res.rows:
+        rs = [s["reward"] for s in res.samples if s["prompt_id"] == r["prompt_id"]]
+        assert r["reward_mean"] == pytest.approx(statistics.mean(rs))
+        assert r["reward_std"] == pytest.approx(statistics.stdev(rs))
+        if r["reward_std"] == 0:
+            assert r["grad_norm"] == 0.0
+    summ = summarize(
+        [
+            {"reward_mean": 0.0, "reward_std": 0.0, "grad_norm": 0.0},
+            {"reward_mean": 0.9, "reward_std": 0.01, "grad_norm": 0.1},
+            {"reward_mean": 0.2, "reward_std": 0.4, "grad_norm": 2.0},
+            {"reward_mean": 0.6, "reward_std": 0.5, "grad_norm": 3.0},
+        ],
+        std_threshold=0.1,
+        value_range=(0.0, 1.0),
+    )
+    assert summ["frac_small_std"] == 0.5
+    assert summ["frac_low_reward"] == 0.5
+    assert summ["frac_small_std_and_low_reward"] == 0.25
+    assert summ["low_reward_threshold"] == 0.5
+
+
+def test_load_prompts_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "reference": "b"}) + "\n\n" + json.dumps({"prompt": "c"}) + "\n")
+    rows = load_prompts(p)
+    assert [(r.prompt_id, r.prompt, r.reference) for r in rows] == [(0, "a", "b"), (1, "c", None)]
+    with pytest.raises(DataError, match=r"p.jsonl:3: the reward compares against a reference"):
+        load_prompts(p, need_reference=True)
+    p.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: field `prompt`"):
+        load_prompts(p)
+    p.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not valid JSON"):
+        load_prompts(p)
+
+
+def _write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p, "reference": "apple"}) + "\n" for p in prompts))
+
+
+def test_cli_reward_std_writes_parquet_and_summary(tiny, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from preflens.commands.reward_std import run_reward_std
+
+    model, tok = tiny
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, ["say apple", "say banana", "x", "y z"])
+    out = tmp_path / "out"
+    summary = run_reward_std(
+        model=None,
+        prompts=prompts,
+        reward="keyword:apple",
+        k=4,
+        output_dir=out,
+        max_new_tokens=3,
+        batch_size=2,
+    )
+    df = pd.read_parquet(out / "reward_std.parquet")
+    assert list(df["prompt_id"]) == ["0", "1", "2", "3"]
+    assert {"reward_mean", "reward_std", "grad_norm", "small_std"} <= set(df.columns)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["num_prompts"] == 4 == summary["num_prompts"]
+    assert on_disk["frac_small_std"] == pytest.approx(float((df["reward_std"] < 0.1).mean()))
+    assert len(pd.read_parquet(out / "samples.parquet")) == 16
+
+
+def test_cli_reward_failure_keeps_partial_results(tiny, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from preflens.commands.reward_std import run_reward_std
+
+    model, tok = tiny
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    (tmp_path / "bad_reward_mod.py").write_text(
+        "def reward(prompts, completions):\n"
+        "    if any(p == 'boom' for p in prompts):\n"
+        "        raise RuntimeError('reward server down')\n"
+        "    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, ["say apple", "x", "y", "boom"])
+    out = tmp_path / "out"
+    with pytest.raises(RewardError, match=r"prompt 3 \('boom'\).*reward server down.*2 of 4 prompts.*saved"):
+        run_reward_std(
+            model=None,
+            prompts=prompts,
+            reward="bad_reward_mod:reward",
+            k=2,
+            output_dir=out,
+            max_new_tokens=2,
+            batch_size=2,
+        )
+    df = pd.read_parquet(out / "reward_std.parquet")
+    assert list(df["prompt_id"]) == ["0", "1"]
+    assert json.loads((out / "summary.json").read_text())["partial"] is True
