@@ -1,0 +1,393 @@
+"""Likelihood displacement: the single-token experiment and its traces in training runs (seed 003).
+
+Source: Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Preference
+Optimization" (arXiv 2410.08847); the talk of seed 003.
+
+- Sec. 3 (the simplest setting): DPO on one prompt with single-token responses y+, y- (Persona
+  statements, "Yes"/"No"-like tokens). The chosen probability pi(y+|x) often *falls*, and the mass goes
+  to tokens z that are similar to y+ (benign) or opposite in meaning (catastrophic). The paper's code
+  measures the fall as the largest drop along the trajectory, max over t < t' of pi_t(y+) - pi_t'(y+)
+  (`max_decrease`).
+- Sec. 4 (Theorem on where the mass goes, single-token case, with the hidden embedding treated as a
+  trainable parameter, the "unconstrained features" model): for z not in {y+, y-}, the first-order
+  change of ln pi(z) is eta * c * <W_z, W_y+ - W_y-> minus a term shared by all tokens (the change of the
+  log-normaliser), c > 0 the DPO weight. Derivation (written out so the test can check it): with
+  m = ln pi(y+) - ln pi(y-), dm/dh = W_y+ - W_y- and dm/dW_z = (1[z=y+] - 1[z=y-]) h (the softmax terms
+  cancel), so a gradient step moves h by eta c (W_y+ - W_y-) and leaves W_z untouched for z not in
+  {y+, y-}; the logit of z then moves by eta c <W_z, W_y+ - W_y->. (Training only W would leave every
+  other logit where it is: the geometry acts through the hidden embedding.) `unembedding_prediction`
+  returns <W_z, W_y+ - W_y-> for every z.
+
+In training runs (`preflens train` writes `pairs.parquet`, ARCHITECTURE.md), `chosen_change_table`
+compares each pair's first and last evaluation, and `ches_vs_change` joins that with `preflens ches`
+scores: the paper's Sec. 5 claim is that the CHES score orders the chosen log-prob change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from preflens.errors import PreflensError
+
+__all__ = [
+    "TokenChange",
+    "SingleTokenResult",
+    "max_decrease",
+    "unembedding_prediction",
+    "single_token_dpo",
+    "chosen_change_table",
+    "ches_vs_change",
+    "ChesVsChange",
+]
+
+
+def max_decrease(traj: Sequence[float]) -> float:
+    """max over t < t' of traj[t] - traj[t'] (0 if it never falls): the paper code's "decrease".
+
+    One pass: track the running maximum and the largest drop below it.
+    """
+    best, peak = 0.0, -math.inf
+    for v in traj:
+        peak = max(peak, float(v))
+        best = max(best, peak - float(v))
+    return best
+
+
+def unembedding_prediction(unembedding: Tensor, chosen_id: int, rejected_id: int) -> Tensor:
+    """<W_z, W_y+ - W_y-> for every token z, [V] float32 (seed 003, Sec. 4's single-token theorem)."""
+    w = unembedding.detach().float()
+    return w @ (w[chosen_id] - w[rejected_id])
+
+
+@dataclass
+class TokenChange:
+    """One token's probability before/after training and the geometric prediction."""
+
+    token_id: int
+    token: str
+    p_before: float
+    p_after: float
+    logp_change: float
+    prediction: float
+    """<W_z, W_y+ - W_y-> with W the unembedding before training."""
+
+
+@dataclass
+class SingleTokenResult:
+    """Outcome of DPO on one prompt with single-token responses."""
+
+    chosen_id: int
+    rejected_id: int
+    p_chosen: list[float]
+    """pi_t(y+|x) at t = 0..steps (before each update, then after the last)."""
+    p_rejected: list[float]
+    top_increase: list[TokenChange]
+    """Tokens whose probability rose the most (largest p_after - p_before), y+ and y- included."""
+    decrease: float
+    """max over t < t' of pi_t(y+) - pi_t'(y+)."""
+    sign_agreement: float
+    """Share of tokens z not in {y+, y-} whose centred log-prob change has the sign of the centred
+    prediction (centring removes the change of the normaliser shared by all tokens)."""
+    rank_correlation: float
+    """Spearman correlation over z not in {y+, y-} between prediction and observed log-prob change."""
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def chosen_fell(self) -> bool:
+        return self.p_chosen[-1] < self.p_chosen[0]
+
+
+def _spearman(a: Tensor, b: Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den > 0 else 0.0
+
+
+class _FreeFeatures(nn.Module):
+    """The unconstrained-features model of Sec. 4: the hidden embedding h is a parameter."""
+
+    def __init__(self, h: Tensor, unembedding: Tensor) -> None:
+        super().__init__()
+        # float64: the first-order changes the theorem speaks of are far below float32's resolution
+        # of a log-prob for a small step, and this model is tiny (one vector and one matrix)
+        self.h = nn.Parameter(h.detach().double().clone())
+        self.w = nn.Parameter(unembedding.detach().double().clone())
+
+    def forward(self) -> Tensor:
+        return self.w @ self.h
+
+
+def _next_token_logits_fn(model: nn.Module, prompt_ids: Tensor):
+    """A closure returning the logits [V] of the token after the prompt, grad-enabled."""
+    att = torch.ones_like(prompt_ids)
+
+    def fn() -> Tensor:
+        out = model(input_ids=prompt_ids, attention_mask=att, use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    return fn
+
+
+def _last_hidden(model: nn.Module, prompt_ids: Tensor) -> Tensor:
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    return out.hidden_states[-1][0, -1]
+
+
+def single_token_dpo(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    chosen_id: int,
+    rejected_id: int,
+    *,
+    steps: int = 100,
+    lr: float = 1e-7,
+    beta: float = 0.1,
+    optimizer: str = "rmsprop",
+    mode: str = "model",
+    top_k: int = 10,
+    tokenizer=None,
+) -> SingleTokenResult:
+    """Train DPO on one prompt with single-token y+ and y-; report the displacement (seed 003, Sec. 3).
+
+    `mode="model"` trains the model's trainable parameters in place (the paper's setting; defaults are
+    its reference values: RMSprop, lr 1e-7, 100 full-batch steps, beta 0.1, meant for a post-SFT model).
+    `mode="features"` trains only the last hidden state h and the unembedding W of a copy (the
+    theorem's unconstrained-features model, Sec. 4), leaving the model untouched.
+    The reference log-probs are the model's before training (DPO's pi_ref = the initial policy).
+    """
+    from preflens.losses import PairLogps, get_loss
+
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise PreflensError(
+            "the model has no output embedding (lm_head); the single-token analysis needs one"
+        )
+    w0 = head.weight.detach().float().clone()
+    vocab = w0.shape[0]
+    for name, tid in (("chosen", chosen_id), ("rejected", rejected_id)):
+        if not 0 <= tid < vocab:
+            raise PreflensError(f"{name} token id {tid} is outside the vocabulary (size {vocab})")
+    if chosen_id == rejected_id:
+        raise PreflensError("chosen and rejected are the same token; DPO has nothing to prefer")
+
+    if mode == "features":
+        free = _FreeFeatures(_last_hidden(model, prompt_ids), head.weight)
+        logits_fn, params = free, list(free.parameters())
+    elif mode == "model":
+        logits_fn = _next_token_logits_fn(model, prompt_ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        raise PreflensError(f"mode must be 'model' or 'features', got {mode!r}")
+    if not params:
+        raise PreflensError("the model has no trainable parameters")
+    opt_cls = {"rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}.get(
+        optimizer
+    )
+    if opt_cls is None:
+        raise PreflensError(f"optimizer must be one of rmsprop, sgd, adam; got {optimizer!r}")
+    opt = opt_cls(params, lr=lr)
+    loss_fn = get_loss("dpo", beta=beta)
+
+    was_training = model.training
+    model.eval()  # no dropout: the trajectory is the optimiser's, not noise
+    with torch.no_grad():
+        logp0 = torch.log_softmax(logits_fn(), -1)
+    ref_c, ref_r = logp0[chosen_id].view(1), logp0[rejected_id].view(1)
+    p_c, p_r, losses = [], [], []
+    for _ in range(steps):
+        logp = torch.log_softmax(logits_fn(), -1)
+        p_c.append(float(logp[chosen_id].detach().exp()))
+        p_r.append(float(logp[rejected_id].detach().exp()))
+        pair = PairLogps(
+            chosen=logp[chosen_id].view(1),
+            rejected=logp[rejected_id].view(1),
+            ref_chosen=ref_c,
+            ref_rejected=ref_r,
+            chosen_len=torch.ones(1, device=logp.device),
+            rejected_len=torch.ones(1, device=logp.device),
+        )
+        loss = loss_fn(pair).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        logp1 = torch.log_softmax(logits_fn(), -1)
+    p_c.append(float(logp1[chosen_id].exp()))
+    p_r.append(float(logp1[rejected_id].exp()))
+    model.train(was_training)
+
+    pred = unembedding_prediction(w0, chosen_id, rejected_id).double()
+    change = (logp1 - logp0).double()
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[[chosen_id, rejected_id]] = False
+    c_obs = change[others] - change[others].mean()
+    c_pred = pred[others] - pred[others].mean()
+    agree = float(((c_obs > 0) == (c_pred > 0)).float().mean())
+    rho = _spearman(pred[others], change[others])
+
+    p0, p1 = logp0.exp(), logp1.exp()
+    top = torch.topk(p1 - p0, min(top_k, vocab)).indices.tolist()
+    top_changes = [
+        TokenChange(
+            token_id=t,
+            token=tokenizer.convert_ids_to_tokens(t) if tokenizer is not None else str(t),
+            p_before=float(p0[t]),
+            p_after=float(p1[t]),
+            logp_change=float(change[t]),
+            prediction=float(pred[t]),
+        )
+        for t in top
+    ]
+    return SingleTokenResult(
+        chosen_id=chosen_id,
+        rejected_id=rejected_id,
+        p_chosen=p_c,
+        p_rejected=p_r,
+        top_increase=top_changes,
+        decrease=max_decrease(p_c),
+        sign_agreement=agree,
+        rank_correlation=rho,
+        losses=losses,
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the model's state, to reset between single-token runs (persona mode)."""
+    return copy.deepcopy(model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: pairs.parquet (ARCHITECTURE.md's run directory)
+# ---------------------------------------------------------------------------------------------
+
+_PAIRS_COLUMNS = ("step", "split", "pair_id", "chosen", "rejected")
+
+
+def _read_pairs(run_dir: str | Path):
+    import pandas as pd
+
+    path = Path(run_dir) / "pairs.parquet"
+    if not path.exists():
+        raise PreflensError(
+            f"{path}: not found; `preflens train` writes per-pair log-probs there at each evaluation"
+        )
+    df = pd.read_parquet(path)
+    missing = [c for c in _PAIRS_COLUMNS if c not in df.columns]
+    if missing:
+        raise PreflensError(f"{path}: missing column(s) {missing}; expected {list(_PAIRS_COLUMNS)}")
+    return df
+
+
+def chosen_change_table(run_dir: str | Path, split: str | None = None):
+    """Per pair: chosen/rejected log-probs at its first and last evaluation, the change, and whether
+    the chosen log-prob fell (likelihood displacement, seed 003 Sec. 1).
+
+    Returns a DataFrame with columns split, pair_id, first_step, last_step, chosen_first,
+    chosen_last, chosen_change, rejected_first, rejected_last, rejected_change, chosen_fell.
+    `split` keeps one split ("train"/"eval"); None keeps all.
+    """
+    df = _read_pairs(run_dir)
+    if split is not None:
+        df = df[df["split"] == split]
+        if df.empty:
+            raise PreflensError(f"{Path(run_dir) / 'pairs.parquet'}: no rows with split == {split!r}")
+    df = df.sort_values(["split", "pair_id", "step"], kind="stable")
+    g = df.groupby(["split", "pair_id"], sort=True)
+    first, last = g.first(), g.last()
+    out = first[["step", "chosen", "rejected"]].rename(
+        columns={"step": "first_step", "chosen": "chosen_first", "rejected": "rejected_first"}
+    )
+    out["last_step"] = last["step"]
+    out["chosen_last"] = last["chosen"]
+    out["rejected_last"] = last["rejected"]
+    out["chosen_change"] = out["chosen_last"] - out["chosen_first"]
+    out["rejected_change"] = out["rejected_last"] - out["rejected_first"]
+    out["chosen_fell"] = out["chosen_change"] < 0
+    cols = [
+        "first_step",
+        "last_step",
+        "chosen_first",
+        "chosen_last",
+        "chosen_change",
+        "rejected_first",
+        "rejected_last",
+        "rejected_change",
+        "chosen_fell",
+    ]
+    return out[cols].reset_index()
+
+
+@dataclass
+class ChesVsChange:
+    """CHES scores joined with the observed chosen log-prob change of a training run."""
+
+    table: object
+    """DataFrame: pair_id, score, percentile, edit_similarity (if scored), chosen_change, chosen_fell, ..."""
+    spearman_ches: float
+    """Spearman correlation of CHES score with the chosen change (the paper expects it negative)."""
+    spearman_edit: float | None
+    """The same for edit-distance similarity (the baseline the paper finds uninformative)."""
+    by_quartile: object
+    """DataFrame: CHES quartile -> pairs, mean chosen change, share of pairs whose chosen fell."""
+
+
+def ches_vs_change(
+    scores_parquet: str | Path, run_dir: str | Path, split: str | None = "train"
+) -> ChesVsChange:
+    """Join `preflens ches` scores with a run's per-pair chosen change (seed 003, Sec. 5's Fig. on
+    UltraFeedback: the chosen log-prob change is ordered by CHES percentile, not by edit distance).
+
+    Pairs are matched on the dataset row id (`pair_index` in the scores, `pair_id` in pairs.parquet).
+    """
+    import pandas as pd
+
+    scores = pd.read_parquet(scores_parquet)
+    if "pair_index" not in scores.columns or "score" not in scores.columns:
+        raise PreflensError(
+            f"{scores_parquet}: expected columns pair_index and score (written by `preflens ches`)"
+        )
+    change = chosen_change_table(run_dir)
+    if split is not None and (change["split"] == split).any():
+        change = change[change["split"] == split]
+    table = scores.merge(change, left_on="pair_index", right_on="pair_id", how="inner")
+    if table.empty:
+        raise PreflensError(
+            f"no pair of {scores_parquet} matches a pair_id of {Path(run_dir) / 'pairs.parquet'}; "
+            "score the dataset the run trained on"
+        )
+
+    def rho(col: str) -> float:
+        a = torch.tensor(table[col].to_numpy(dtype="float64"))
+        b = torch.tensor(table["chosen_change"].to_numpy(dtype="float64"))
+        return _spearman(a, b) if len(table) > 1 else float("nan")
+
+    q = pd.qcut(table["score"].rank(method="first"), q=min(4, len(table)), labels=False)
+    by_q = (
+        table.assign(quartile=q + 1)
+        .groupby("quartile")
+        .agg(
+            pairs=("pair_id", "size"),
+            mean_chosen_change=("chosen_change", "mean"),
+            frac_fell=("chosen_fell", "mean"),
+        )
+        .reset_index()
+    )
+    return ChesVsChange(
+        table=table,
+        spearman_ches=rho("score"),
+        spearman_edit=rho("edit_similarity") if "edit_similarity" in table.columns else None,
+        by_quartile=by_q,
+    )
