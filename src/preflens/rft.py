@@ -490,7 +490,7 @@ def _sft_step(
     )
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss), float(gnorm)
+    return float(loss.detach()), float(gnorm)
 
 
 def _rft_step(

@@ -1,0 +1,164 @@
+"""`preflens rft`: policy-gradient finetuning (RLOO) that tracks per-prompt reward std (seed 003).
+
+`--initial-sft N` runs N SFT steps on the prompts' `reference` completions (a `--sft-fraction` of
+them) first, the talk's remedy for vanishing gradients; the summary reports the small-std fraction
+before and after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+# RFTConfig's defaults, repeated here so that `preflens --help` does not import torch (a test checks they agree)
+DEFAULTS: dict[str, Any] = {
+    "steps": 100,
+    "k": 8,
+    "prompts_per_step": 8,
+    "lr": 1e-6,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "kl_coef": 0.0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_new_tokens": 64,
+    "std_threshold": 0.1,
+    "eval_every": 0,
+    "save_every": 0,
+    "initial_sft": 0,
+    "sft_fraction": 1.0,
+    "sft_batch_size": 8,
+    "seed": 0,
+}
+
+
+def _load(name: str | None) -> tuple[Any, Any]:
+    from preflens.models import load_model
+
+    return load_model(name)
+
+
+def run_rft(
+    *,
+    model: str | None,
+    prompts: Path,
+    reward: str,
+    output_dir: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    **cfg: Any,
+) -> dict[str, Any]:
+    """The command's work, callable from Python: `cfg` holds `RFTConfig` fields."""
+    from preflens.diagnostics.reward_std import load_prompts
+    from preflens.rewards import get_reward
+    from preflens.rft import RFTConfig, prepare_run_dir, train_rft
+
+    config = RFTConfig(**cfg)
+    rew = get_reward(reward)
+    rows = load_prompts(prompts, need_reference=rew.needs_reference)
+    # check the run dir before loading a model (fail fast); train_rft re-checks it
+    out = Path(output_dir)
+    if not resume and not overwrite and out.exists() and any(out.iterdir()):
+        prepare_run_dir(out, overwrite=False, resume=False)
+    lm, tok = _load(model)
+    return train_rft(
+        lm,
+        tok,
+        rows,
+        rew,
+        config,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        extra_config={"model": model, "prompts": str(prompts)},
+        log_fn=typer.echo,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("rft")
+    def rft(
+        prompts: Path = typer.Option(..., "--prompts", help="jsonl with `prompt` and optional `reference`"),
+        reward: str = typer.Option(
+            ...,
+            "--reward",
+            help="exact[:C,W] | normalized | regex:PATTERN | keyword:W1,W2 | length:N | rougeL | model:/path | module:function",
+        ),
+        output_dir: Path = typer.Option(..., "--output-dir", "-o", help="run directory"),
+        model: str = typer.Option(
+            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
+        ),
+        steps: int = typer.Option(DEFAULTS["steps"], "--steps"),
+        k: int = typer.Option(DEFAULTS["k"], "-k", "--k", help="samples per prompt"),
+        prompts_per_step: int = typer.Option(DEFAULTS["prompts_per_step"], "--prompts-per-step"),
+        lr: float = typer.Option(DEFAULTS["lr"], "--lr"),
+        weight_decay: float = typer.Option(DEFAULTS["weight_decay"], "--weight-decay"),
+        max_grad_norm: float = typer.Option(
+            DEFAULTS["max_grad_norm"], "--max-grad-norm", help="0 disables clipping"
+        ),
+        kl_coef: float = typer.Option(
+            DEFAULTS["kl_coef"], "--kl-coef", help="KL penalty to the model at the start of RFT"
+        ),
+        temperature: float = typer.Option(DEFAULTS["temperature"], "--temperature"),
+        top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
+        max_new_tokens: int = typer.Option(DEFAULTS["max_new_tokens"], "--max-new-tokens"),
+        chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template"),
+        std_threshold: float = typer.Option(DEFAULTS["std_threshold"], "--std-threshold"),
+        low_reward: float = typer.Option(None, "--low-reward"),
+        eval_every: int = typer.Option(
+            DEFAULTS["eval_every"],
+            "--eval-every",
+            help="RFT steps between evaluations (0: start/after SFT/end)",
+        ),
+        eval_prompts: int = typer.Option(
+            None, "--eval-prompts", help="evaluate on the first N prompts (default all)"
+        ),
+        save_every: int = typer.Option(DEFAULTS["save_every"], "--save-every"),
+        initial_sft: int = typer.Option(
+            DEFAULTS["initial_sft"], "--initial-sft", help="SFT steps on `reference` before RFT"
+        ),
+        sft_fraction: float = typer.Option(DEFAULTS["sft_fraction"], "--sft-fraction"),
+        sft_lr: float = typer.Option(None, "--sft-lr", help="default: --lr"),
+        sft_batch_size: int = typer.Option(DEFAULTS["sft_batch_size"], "--sft-batch-size"),
+        seed: int = typer.Option(DEFAULTS["seed"], "--seed"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run dir first"),
+    ) -> None:
+        """Reinforcement finetuning (RLOO, optional KL and initial SFT) with per-prompt reward-std tracking."""
+        summary = run_rft(
+            model=model,
+            prompts=prompts,
+            reward=reward,
+            output_dir=output_dir,
+            resume=resume,
+            overwrite=overwrite,
+            steps=steps,
+            k=k,
+            prompts_per_step=prompts_per_step,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm or None,
+            kl_coef=kl_coef,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            std_threshold=std_threshold,
+            low_reward=low_reward,
+            eval_every=eval_every,
+            eval_prompts=eval_prompts,
+            save_every=save_every,
+            initial_sft=initial_sft,
+            sft_fraction=sft_fraction,
+            sft_lr=sft_lr,
+            sft_batch_size=sft_batch_size,
+            seed=seed,
+        )
+        for phase, ev in summary["evals"].items():
+            typer.echo(
+                f"{phase:>9} (step {ev['step']}): reward {ev['reward_mean']:.4f}, small std {ev['frac_small_std']:.1%}, "
+                f"small std & low reward {ev['frac_small_std_and_low_reward']:.1%}"
+            )
+        typer.echo(f"wrote {output_dir}/metrics.jsonl, prompts.parquet, summary.json, final/")

@@ -1,0 +1,215 @@
+"""RFT loop: learns a synthetic task, resumes exactly, keeps its work when the reward breaks, initial SFT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from preflens.diagnostics.reward_std import PromptRow
+from preflens.errors import PreflensError, RunDirError
+from preflens.rewards import Reward, RewardError, get_reward
+from preflens.rft import RFTConfig, latest_checkpoint, train_rft
+
+WORDS = ("apple", "banana", "cherry", "say", "the", "word", "please", "x", "y", "z")
+PROMPTS = ["say apple", "say the word apple", "please say apple", "x y"]
+
+
+def make_tiny(seed: int = 0):
+    """A 2-layer Llama and a word-level tokenizer over WORDS (ids: pad 0, bos 1, eos 2, unk 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg), tok
+
+
+def apple_fraction(prompts, completions):
+    """Deterministic reward: the share of the completion's words that are 'apple'."""
+    return [sum(w == "apple" for w in c.split()) / max(1, len(c.split())) for c in completions]
+
+
+def _rows(refs: bool = True) -> list[PromptRow]:
+    return [PromptRow(i, p, "apple" if refs else None) for i, p in enumerate(PROMPTS)]
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+FAST = dict(k=8, prompts_per_step=4, lr=1e-2, max_new_tokens=3)
+
+
+def test_rft_raises_mean_reward_on_say_the_word(tmp_path):
+    import pandas as pd
+
+    model, tok = make_tiny()
+    summary = train_rft(
+        model, tok, _rows(), get_reward(apple_fraction), RFTConfig(steps=20, **FAST), tmp_path / "run"
+    )
+    init, final = summary["reward_mean"]["init"], summary["reward_mean"]["final"]
+    assert init < 0.3
+    assert final > 0.8
+    rows = _metrics(tmp_path / "run")
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    for key in ("reward/mean", "reward/std", "frac_small_std", "grad_norm", "kl", "loss", "lr"):
+        assert key in train[0]
+    df = pd.read_parquet(tmp_path / "run" / "prompts.parquet")
+    assert {"step", "prompt_id", "reward_mean", "reward_std", "grad_norm"} <= set(df.columns)
+    assert len(df[df["split"] == "train"]) == 20 * 4
+    # a prompt whose K rewards were all equal got exactly zero gradient
+    assert (df.loc[df["reward_std"] == 0, "grad_norm"] == 0).all()
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    import pandas as pd
+
+    cfg = RFTConfig(steps=4, save_every=2, k=4, prompts_per_step=2, lr=1e-2, max_new_tokens=3)
+    model, tok = make_tiny()
+    train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "a")
+    # simulate a crash after step 2: copy the run and drop everything the last checkpoint does not cover
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "b" / "final")
+    model_b, tok_b = make_tiny(seed=123)  # different initial weights: the checkpoint must override them
+    train_rft(model_b, tok_b, _rows(), get_reward(apple_fraction), cfg, tmp_path / "b", resume=True)
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    drop = {"step_time"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ma] == [
+        {k: v for k, v in r.items() if k not in drop} for r in mb
+    ]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "a" / "prompts.parquet"),
+        pd.read_parquet(tmp_path / "b" / "prompts.parquet"),
+    )
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_run_dir_is_refused_unless_overwrite_or_resume(tmp_path):
+    model, tok = make_tiny()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "something").write_text("x")
+    cfg = RFTConfig(steps=1, **FAST)
+    with pytest.raises(RunDirError, match="--overwrite"):
+        train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, run)
+    with pytest.raises(RunDirError, match="no checkpoints"):
+        train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, run, resume=True)
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "missing", resume=True)
+    train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, run, overwrite=True)
+    assert not (run / "something").exists()
+
+
+class _BreaksLater(Reward):
+    """Works for the first `ok_calls` calls, then raises on any batch containing a 'banana' prompt."""
+
+    name = "breaks-later"
+
+    def __init__(self, ok_calls: int) -> None:
+        self.calls, self.ok_calls = 0, ok_calls
+
+    def __call__(self, prompts, completions, *, references=None):
+        self.calls += 1
+        if self.calls > self.ok_calls and any("banana" in p for p in prompts):
+            raise ConnectionError("reward server unreachable")
+        return apple_fraction(prompts, completions)
+
+
+def test_reward_failure_names_prompt_and_keeps_progress(tmp_path):
+    rows = _rows() + [PromptRow(4, "say banana", "apple")]
+    cfg = RFTConfig(steps=6, k=4, prompts_per_step=5, lr=1e-2, max_new_tokens=3)
+    model, tok = make_tiny()
+    run = tmp_path / "run"
+    # calls: 1 = init eval (one batch of 5 prompts), 2..4 = RFT steps 1..3, 5 fails at step 4
+    with pytest.raises(RewardError, match=r"prompt 4 \('say banana'\).*ConnectionError.*step 4.*--resume"):
+        train_rft(model, tok, rows, _BreaksLater(ok_calls=4), cfg, run)
+    assert [r["step"] for r in _metrics(run) if r["split"] == "train"] == [1, 2, 3]
+    assert latest_checkpoint(run).name == "step-3"
+    summary = train_rft(make_tiny()[0], tok, rows, get_reward(apple_fraction), cfg, run, resume=True)
+    assert [r["step"] for r in _metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert summary["evals"]["final"]["step"] == 6
+
+
+def test_nan_reward_in_first_evaluation_is_reported(tmp_path):
+    model, tok = make_tiny()
+
+    def nan_on_x(prompts, completions):
+        return [float("nan") if p == "x y" else 0.0 for p in prompts]
+
+    with pytest.raises(RewardError, match=r"returned nan for completion 0 of prompt 3 \('x y'\)"):
+        train_rft(model, tok, _rows(), get_reward(nan_on_x), RFTConfig(steps=2, **FAST), tmp_path / "run")
+
+
+def test_initial_sft_reduces_small_std_fraction(tmp_path):
+    model, tok = make_tiny()
+    cfg = RFTConfig(
+        steps=1,
+        initial_sft=8,
+        sft_lr=1e-2,
+        sft_fraction=1.0,
+        k=8,
+        prompts_per_step=4,
+        max_new_tokens=1,
+        lr=1e-3,
+    )
+    # exact match with the reference "apple": the random model rarely says it, so every sample gets 0
+    summary = train_rft(model, tok, _rows(), get_reward("exact"), cfg, tmp_path / "run")
+    eff = summary["sft_effect"]
+    assert eff["frac_small_std_before"] >= 0.5
+    assert eff["frac_small_std_after"] < eff["frac_small_std_before"]
+    assert (
+        summary["frac_small_std_and_low_reward"]["after_sft"]
+        < summary["frac_small_std_and_low_reward"]["init"]
+    )
+    assert eff["reward_mean_after"] > eff["reward_mean_before"] + 0.2
+    sft_rows = [r for r in _metrics(tmp_path / "run") if r.get("phase") == "sft"]
+    assert [r["step"] for r in sft_rows] == list(range(1, 9))
+    assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]
+    assert (tmp_path / "run" / "sft" / "config.json").exists()
+    with pytest.raises(PreflensError, match="reference"):
+        train_rft(model, tok, _rows(refs=False), get_reward(apple_fraction), cfg, tmp_path / "run2")
+
+
+def test_kl_penalty_starts_at_zero(tmp_path):
+    model, tok = make_tiny()
+    cfg = RFTConfig(steps=3, kl_coef=0.1, **FAST)
+    train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "run")
+    kl = [r["kl"] for r in _metrics(tmp_path / "run") if r["split"] == "train"]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference at step 1
+    assert abs(kl[-1]) > 1e-4
+    assert (tmp_path / "run" / "reference" / "config.json").exists()
+
+
+def test_cli_defaults_match_config():
+    from preflens.commands.rft import DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RFTConfig)}
+    for key, value in DEFAULTS.items():
+        assert defaults[key] == value, key
