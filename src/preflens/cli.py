@@ -21,6 +21,8 @@ app = typer.Typer(
 
 # Each entry is a module in preflens.commands with a `register(app)` function.
 COMMAND_MODULES: list[str] = [
+    "reward_std",
+    "rft",
 ]
 
 
