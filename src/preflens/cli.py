@@ -23,6 +23,7 @@ app = typer.Typer(
 COMMAND_MODULES: list[str] = [
     "reward_std",
     "rft",
+    "report",
 ]
 
 

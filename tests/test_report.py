@@ -1,0 +1,219 @@
+"""`preflens report` on synthetic run directories (no training): figures, diagnosis numbers, HTML."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from preflens.errors import PreflensError
+from preflens.report import diagnose, frac_chosen_fell_by_step, load_run, write_report
+
+STEPS = [0, 10, 20, 30, 40, 50]
+
+
+def _make_run(root: Path, *, pairs: bool = True, probes: bool = True, ches: bool = False) -> Path:
+    """A run dir shaped like ARCHITECTURE.md's: 10 eval pairs whose chosen log-prob falls for pairs
+    0..5 (6 of 10) by the end, and probe rows with known condition-violation shares."""
+    run = root / "run"
+    run.mkdir()
+    rows = []
+    for s in STEPS:
+        t = s / 50
+        rows.append(
+            {
+                "step": s,
+                "split": "train",
+                "loss": 0.69 - 0.3 * t,
+                "logps/chosen": -40 - 5 * t,
+                "logps/rejected": -42 - 15 * t,
+                "rewards/margins": 1.0 * t,
+                "rewards/accuracies": 0.5 + 0.4 * t,
+                "margin_weights/dw": 0.05,
+                "margin_weights/dl": 0.05,
+                "imbalance/ratio": 0.1,
+            }
+        )
+        rows.append(
+            {
+                "step": s,
+                "split": "eval",
+                "loss": 0.7 - 0.2 * t,
+                "logps/chosen": -41 - 4 * t,
+                "logps/rejected": -43 - 12 * t,
+                "rewards/margins": 0.8 * t,
+                "rewards/accuracies": 0.5 + 0.3 * t,
+            }
+        )
+        if probes:
+            rows.append(
+                {
+                    "step": s,
+                    "split": "probe",
+                    "probe/cosine": 0.8,
+                    "probe/frac_cond1_violated": 0.5,
+                    "probe/frac_cond2_violated": 0.1,
+                }
+            )
+    with (run / "metrics.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    if pairs:
+        recs = []
+        for pid in range(10):
+            for s in STEPS:
+                # pairs 0..5 fall by 0.1/step once s >= 20; the rest rise
+                delta = (-0.1 if pid < 6 else 0.1) * max(0, s - 10)
+                recs.append(
+                    {
+                        "step": s,
+                        "split": "eval",
+                        "pair_id": pid,
+                        "chosen": -30.0 - pid + delta,
+                        "rejected": -32.0 - pid - 0.2 * s,
+                        "ref_chosen": -30.0 - pid,
+                        "ref_rejected": -32.0 - pid,
+                    }
+                )
+        pd.DataFrame(recs).to_parquet(run / "pairs.parquet")
+    if probes:
+        pr = pd.DataFrame(
+            {
+                "step": [0] * 4,
+                "pair_id": range(4),
+                "cosine": [0.9, 0.8, 0.7, 0.6],
+                "cond1_violated": [True, True, False, False],
+                "cond2_violated": [False] * 4,
+                "pred_delta_chosen": [-1.0, -0.5, 0.2, 0.4],
+                "obs_delta_chosen": [-0.8, -0.6, 0.1, 0.5],
+            }
+        )
+        pr.to_parquet(run / "probes.parquet")
+    if ches:
+        # higher CHES -> larger fall (pairs 0..5 have the top scores)
+        pd.DataFrame({"pair_index": range(10), "score": [10.0 - i for i in range(10)]}).to_parquet(
+            run / "ches_scores.parquet"
+        )
+    return run
+
+
+def test_frac_chosen_fell_matches_hand_count(tmp_path):
+    run = load_run(_make_run(tmp_path))
+    f = frac_chosen_fell_by_step(run.pairs, "eval").set_index("step")["frac"]
+    # written out: at s=0 and s=10 nobody has moved; from s=20 on, pairs 0..5 are below their start
+    assert f[0] == 0 and f[10] == 0
+    for s in (20, 30, 40, 50):
+        assert f[s] == pytest.approx(0.6)
+
+
+def test_diagnosis_names_displacement_entanglement_and_mitigations(tmp_path):
+    run = load_run(_make_run(tmp_path))
+    text = "\n".join(f.text for f in diagnose(run))
+    assert "60% of eval pairs (n=10) at step 50, over half since step 20" in text
+    # probes.parquet takes precedence: 2 of 4 violate condition 1, mean cosine 0.75
+    assert "condition 1 (chosen rises) violated in 50% of probed pairs" in text
+    assert "mean gradient cosine 0.75" in text
+    # mean chosen change at the end: (6 * -4 + 4 * 4) / 10 = -0.8; rejected -10 -> synchronized decrease
+    assert "synchronized decrease: mean chosen log-prob -0.80, rejected -10.00" in text
+    assert "gradient imbalance: median" in text
+    assert text.splitlines()[-1].startswith("try: normalized")
+
+
+def test_report_writes_pngs_and_self_contained_html(tmp_path):
+    from PIL import Image
+
+    out = write_report(_make_run(tmp_path, ches=True))
+    assert out == tmp_path / "run" / "report.html"
+    pngs = sorted(p.name for p in (tmp_path / "run" / "plots").glob("*.png"))
+    for name in (
+        "logps.png",
+        "pair_trajectories.png",
+        "frac_chosen_fell.png",
+        "margin_accuracy.png",
+        "entanglement.png",
+        "pred_vs_obs.png",
+        "margin_weights.png",
+        "ches.png",
+        "loss.png",
+    ):
+        assert name in pngs
+    page = out.read_text()
+    srcs = re.findall(r"<img[^>]*src='([^']*)'", page)
+    assert len(srcs) == len(pngs)
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+        assert img.size[0] > 300 and img.size[1] > 200
+        # not a blank canvas: a plot has many distinct colours
+        assert len(np.unique(np.asarray(img.convert("L")))) > 10
+    assert "Skipped" not in page
+    assert "Spearman(CHES, chosen change) = -" in page  # more CHES, larger fall
+    # nothing is fetched from outside the file
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_skips_absent_sections_with_a_note(tmp_path):
+    out = write_report(_make_run(tmp_path, pairs=False, probes=False))
+    page = out.read_text()
+    assert "Skipped: no probe rows in metrics.jsonl and no probes.parquet" in page
+    assert "Skipped: no CHES scores" in page
+    assert page.count("<img") == len(list((tmp_path / "run" / "plots").glob("*.png"))) == 4
+
+
+def test_report_rejects_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(PreflensError, match="none of metrics.jsonl"):
+        load_run(tmp_path)
+    with pytest.raises(PreflensError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+
+
+def test_report_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+
+    run = _make_run(tmp_path)
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "report.html" in res.output and "likelihood displacement" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    out = write_report(_make_run(tmp_path, ches=True))
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            out.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    # the figures' chosen blue (#1f77b4) is on screen: the images were decoded and drawn
+    blue = (np.abs(img.astype(int) - [0x1F, 0x77, 0xB4]).sum(axis=2) < 30).sum()
+    assert blue > 500
