@@ -1,0 +1,441 @@
+"""preflens diagnostics inside a TRL `DPOTrainer` run: a `TrainerCallback`.
+
+For a user who already trains with TRL (DESIGN.md: "users come from TRL/OpenRLHF") and wants to
+see *why* the run goes wrong without switching trainers:
+
+    trainer = DPOTrainer(model=..., args=DPOConfig(output_dir="out", ...), train_dataset=..., ...)
+    trainer.add_callback(PreflensCallback(trainer, probe_pairs=16, probe_every=10))
+    trainer.train()
+    # then: preflens report out
+
+What it writes into `args.output_dir` (ARCHITECTURE.md's run-directory format, so `preflens report`
+reads it like a `preflens train` run):
+
+- `metrics.jsonl`: TRL's own logs (loss, logps/chosen, rewards/margins, ...; `eval_*` keys become
+  split "eval" rows, `learning_rate` becomes `lr`) and one "probe" row per probe;
+- `pairs.parquet`: per-pair chosen/rejected summed log-probs of a *fixed* probe set (the first
+  `probe_pairs` rows of the eval dataset, else of the train dataset) at step 0 and every
+  `probe_every` steps, with the reference log-probs: likelihood displacement per pair (seed 003);
+- `probes.parquet`: per probed pair and step, the gradient-entanglement statistics of seed 000
+  (Yuan et al., arXiv 2410.13828, Sec. 3): <g_w, g_l>, |g_w|, |g_l|, cosine, the loss's margin weights
+  d_w = -dl/d chosen and d_l = dl/d rejected, the first-order predicted changes
+  eta (d_w |g_w|^2 - d_l <g_w,g_l>) and eta (d_w <g_w,g_l> - d_l |g_l|^2), which of condition 1
+  (chosen rises) and condition 2 (rejected falls) they violate, and the changes observed at the next
+  probe, so the prediction can be checked.
+
+The gradient Gram matrix comes from `preflens.diagnostics.gram.sequence_gram` when it is installed
+(one backward for all sequences); otherwise from an exact per-sequence autograd loop over the few
+probe sequences. Probes run in eval mode (no dropout) and leave the model's mode and gradients as
+they found them. Only the main process writes files; every process computes (the probe set is the
+same on all of them), so distributed runs stay in lock-step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from preflens.errors import PreflensError
+
+__all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS", "gram_entanglement_stats"]
+
+# TRL `loss_type` -> preflens loss (DESIGN.md's table) used for the margin weights d_w, d_l.
+TRL_TO_PREFLENS_LOSS: dict[str, str] = {"sigmoid": "dpo", "ipo": "ipo", "sppo_hard": "sppo"}
+
+
+def gram_entanglement_stats(gram: Tensor, d_w: Tensor, d_l: Tensor, lr: float = 1.0) -> dict[str, Tensor]:
+    """Per-pair entanglement statistics from the [2B, 2B] Gram of chosen rows (0..B-1) then rejected
+    rows (B..2B-1) and the margin weights (seed 000, Sec. 3, first-order change under one SGD step):
+
+        delta chosen   = lr (d_w |g_w|^2 - d_l <g_w, g_l>)      condition 1: > 0
+        delta rejected = lr (d_w <g_w, g_l> - d_l |g_l|^2)      condition 2: < 0
+
+    A condition counts as violated when its sign is wrong (strictly: a pair with zero weights, whose
+    loss is saturated, moves neither way and violates nothing). With Adam the magnitude of the
+    prediction is SGD's, not the optimizer's; the sign is what the conditions test.
+    """
+    b = gram.shape[0] // 2
+    idx = torch.arange(b)
+    inner = gram[idx, idx + b]
+    nw2, nl2 = gram[idx, idx], gram[idx + b, idx + b]
+    nw, nl = nw2.clamp_min(0).sqrt(), nl2.clamp_min(0).sqrt()
+    cos = inner / (nw * nl).clamp_min(1e-30)
+    # the conditions are on the unscaled quantities: lr > 0 does not change their sign, and a scheduler
+    # at lr = 0 (the last step of a linear decay) must not read as "violated"
+    move_c = d_w * nw2 - d_l * inner
+    move_r = d_w * inner - d_l * nl2
+    return {
+        "inner": inner,
+        "norm_w": nw,
+        "norm_l": nl,
+        "cosine": cos,
+        "d_w": d_w,
+        "d_l": d_l,
+        "pred_delta_chosen": lr * move_c,
+        "pred_delta_rejected": lr * move_r,
+        "cond1_violated": move_c < 0,
+        "cond2_violated": move_r > 0,
+    }
+
+
+def _loop_gram(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Exact Gram of per-sequence gradients of the summed response log-probs, one backward per row.
+    Only used when `preflens.diagnostics.gram` is absent; fine for a probe set of a few pairs."""
+    from preflens.logprobs import sequence_logps
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for s in range(input_ids.shape[0]):
+        lp = sequence_logps(
+            model, input_ids[s : s + 1], attention_mask[s : s + 1], response_mask[s : s + 1]
+        ).logps
+        g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+        grads.append(
+            torch.cat(
+                [(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)]
+            )
+        )
+    G = torch.stack(grads)
+    return G @ G.T
+
+
+def _gram(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+    try:
+        from preflens.diagnostics.gram import sequence_gram
+    except ImportError:
+        return _loop_gram(model, input_ids, attention_mask, response_mask)
+    return sequence_gram(model, input_ids, attention_mask, response_mask)
+
+
+class PreflensCallback(TrainerCallback):
+    """Adds preflens probes to a TRL `DPOTrainer` and writes a preflens run directory.
+
+    Args:
+        trainer: the `DPOTrainer` (its tokenized datasets, reference model and config are read).
+        probe_pairs: how many pairs make the fixed probe set.
+        probe_every: probe every this many optimizer steps (default: the trainer's `logging_steps`).
+        entanglement: also compute the per-pair gradient statistics (costs a backward over the
+            probe set; switch off for a log-prob-only probe).
+        output_dir: where to write (default: the trainer's `args.output_dir`).
+        loss: the preflens loss whose margin weights d_w, d_l are used; default maps TRL's
+            `loss_type` (sigmoid -> dpo, ipo -> ipo, sppo_hard -> sppo) with TRL's `beta`.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        *,
+        probe_pairs: int = 16,
+        probe_every: int | None = None,
+        entanglement: bool = True,
+        output_dir: str | Path | None = None,
+        loss: str | None = None,
+    ) -> None:
+        from preflens.losses import get_loss
+
+        self.trainer = trainer
+        self.args = trainer.args
+        self.out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        self.probe_every = int(probe_every or max(1, int(self.args.logging_steps)))
+        self.entanglement = entanglement
+        loss_types = list(getattr(self.args, "loss_type", ["sigmoid"]) or ["sigmoid"])
+        if loss is None:
+            loss = TRL_TO_PREFLENS_LOSS.get(loss_types[0], "dpo") if len(loss_types) == 1 else "dpo"
+        hp = {"beta": float(self.args.beta)} if loss in ("dpo", "ipo", "sppo") else {}
+        self.loss_name = loss
+        self.loss_fn = get_loss(loss, **hp)
+        dataset, self.probe_split = (
+            (trainer.eval_dataset, "eval")
+            if _has_rows(trainer.eval_dataset)
+            else (trainer.train_dataset, "train")
+        )
+        if isinstance(dataset, dict):  # several eval datasets: probe the first
+            dataset = next(iter(dataset.values()))
+        self.batch, self.pair_ids = self._probe_batch(dataset, probe_pairs)
+        self.ref: tuple[Tensor, Tensor] | None = None
+        self.start: Tensor | None = None
+        self.last: dict[str, Any] | None = None
+        self.probe_rows: list[dict[str, Any]] = []
+        self.pair_rows: list[dict[str, Any]] = []
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _probe_batch(self, dataset: Any, n: int) -> tuple[dict[str, Tensor], list[int]]:
+        """ARCHITECTURE.md's batch layout from TRL's tokenized rows (prompt_ids, chosen_ids, rejected_ids)."""
+        if dataset is None or len(dataset) == 0:
+            raise PreflensError("PreflensCallback: the trainer has no train or eval dataset to probe")
+        cols = getattr(dataset, "column_names", None) or list(dataset[0].keys())
+        need = ("prompt_ids", "chosen_ids", "rejected_ids")
+        if any(c not in cols for c in need):
+            raise PreflensError(
+                f"PreflensCallback: the trainer's dataset has columns {cols}; expected TRL's tokenized "
+                f"{list(need)} (create the callback after DPOTrainer(...) has prepared its datasets)"
+            )
+        n = min(n, len(dataset))
+        rows = [dataset[i] for i in range(n)]
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for r in rows:
+                p, c = list(r["prompt_ids"]), list(r[key])
+                seqs.append(p + c)
+                masks.append([False] * len(p) + [True] * len(c))
+        tok = self.trainer.processing_class
+        tok = getattr(tok, "tokenizer", tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros(len(seqs), width, dtype=torch.long)
+        resp = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+            resp[i, : len(m)] = torch.tensor(m)
+        resp[:, 0] = False  # position 0 predicts nothing
+        return {"input_ids": ids, "attention_mask": att, "response_mask": resp}, list(range(n))
+
+    def _logps(self, model: nn.Module) -> Tensor:
+        from preflens.logprobs import sequence_logps
+
+        dev = next(model.parameters()).device
+        b = {k: v.to(dev) for k, v in self.batch.items()}
+        with torch.no_grad():
+            return (
+                sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"])
+                .logps.float()
+                .cpu()
+            )
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
+    ) -> None:
+        model = model if model is not None else self.trainer.model
+        if state.is_world_process_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ref_model = getattr(self.trainer, "ref_model", None)
+        with _eval_mode(model):
+            if ref_model is not None:
+                with _eval_mode(ref_model):
+                    lp = self._logps(ref_model)
+            else:
+                # no separate reference: TRL uses the initial policy (or the base model of a fresh
+                # adapter, which equals the initial policy since LoRA's B starts at zero)
+                lp = self._logps(model)
+        b = len(self.pair_ids)
+        self.ref = (lp[:b], lp[b:])
+        if state.is_world_process_zero:
+            (self.out / "preflens_probe.json").write_text(
+                json.dumps(
+                    {
+                        "source": "trl",
+                        "loss": self.loss_name,
+                        "probe_split": self.probe_split,
+                        "probe_pairs": b,
+                        "probe_every": self.probe_every,
+                    },
+                    indent=1,
+                )
+            )
+        self._probe(model, state, lr=_current_lr(kw.get("lr_scheduler"), args))
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
+    ) -> None:
+        if state.global_step % self.probe_every == 0:
+            self._probe(
+                model if model is not None else self.trainer.model,
+                state,
+                lr=_current_lr(kw.get("lr_scheduler"), args),
+            )
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        if any(k.startswith("train_") and k.endswith("runtime") for k in logs):
+            return  # the end-of-training summary, not a step's metrics
+        train: dict[str, Any] = {}
+        ev: dict[str, Any] = {}
+        for k, v in logs.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if k.startswith("eval_"):
+                if k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
+                    continue
+                ev[k[len("eval_") :]] = float(v)
+            else:
+                train["lr" if k == "learning_rate" else k] = float(v)
+        if train:
+            self._write_metrics({"step": int(state.global_step), "split": "train", **train})
+        if ev:
+            self._write_metrics({"step": int(state.global_step), "split": "eval", **ev})
+
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
+    ) -> None:
+        if self.last is None or self.last["step"] != state.global_step:
+            self._probe(
+                model if model is not None else self.trainer.model,
+                state,
+                lr=_current_lr(kw.get("lr_scheduler"), args),
+            )
+
+    # -- the probe -------------------------------------------------------------------------------
+
+    def _probe(self, model: nn.Module, state: Any, lr: float) -> None:
+        from preflens.losses import PairLogps, margin_weights
+
+        assert self.ref is not None
+        b = len(self.pair_ids)
+        step = int(state.global_step)
+        with _eval_mode(model):
+            lp = self._logps(model)
+        chosen, rejected = lp[:b], lp[b:]
+        if self.start is None:
+            self.start = chosen.clone()
+        lens = self.batch["response_mask"].sum(1)
+        p = PairLogps(
+            chosen=chosen,
+            rejected=rejected,
+            ref_chosen=self.ref[0],
+            ref_rejected=self.ref[1],
+            chosen_len=lens[:b],
+            rejected_len=lens[b:],
+        )
+        d_w, d_l = margin_weights(self.loss_fn, p)
+        # observed change since the previous probe fills that probe's rows
+        if self.last is not None:
+            for r, oc, orj in zip(
+                self.last["rows"],
+                (chosen - self.last["chosen"]).tolist(),
+                (rejected - self.last["rejected"]).tolist(),
+            ):
+                r["obs_delta_chosen"], r["obs_delta_rejected"] = oc, orj
+        rows: list[dict[str, Any]] = []
+        metrics: dict[str, Any] = {"step": step, "split": "probe"}
+        if self.entanglement:
+            dev = next(model.parameters()).device
+            bt = {k: v.to(dev) for k, v in self.batch.items()}
+            with _eval_mode(model), _keep_grads(model), torch.enable_grad():
+                gram = _gram(model, bt["input_ids"], bt["attention_mask"], bt["response_mask"]).double().cpu()
+            st = gram_entanglement_stats(gram, d_w.double(), d_l.double(), lr=lr)
+            for i, pid in enumerate(self.pair_ids):
+                rows.append(
+                    {
+                        "step": step,
+                        "pair_id": pid,
+                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i])) for k, v in st.items()},
+                        "obs_delta_chosen": math.nan,
+                        "obs_delta_rejected": math.nan,
+                    }
+                )
+            metrics.update(
+                {
+                    "probe/cosine": float(st["cosine"].mean()),
+                    "probe/inner": float(st["inner"].mean()),
+                    "probe/norm_w": float(st["norm_w"].mean()),
+                    "probe/norm_l": float(st["norm_l"].mean()),
+                    "probe/frac_cond1_violated": float(st["cond1_violated"].double().mean()),
+                    "probe/frac_cond2_violated": float(st["cond2_violated"].double().mean()),
+                }
+            )
+        metrics.update(
+            {
+                "probe/frac_chosen_fell": float((chosen < self.start).double().mean()),
+                "probe/logps_chosen": float(chosen.mean()),
+                "probe/logps_rejected": float(rejected.mean()),
+                "probe/dw": float(d_w.mean()),
+                "probe/dl": float(d_l.mean()),
+            }
+        )
+        self.probe_rows.extend(rows)
+        self.last = {"step": step, "chosen": chosen, "rejected": rejected, "rows": rows}
+        for i, pid in enumerate(self.pair_ids):
+            self.pair_rows.append(
+                {
+                    "step": step,
+                    "split": self.probe_split,
+                    "pair_id": pid,
+                    "chosen": float(chosen[i]),
+                    "rejected": float(rejected[i]),
+                    "ref_chosen": float(self.ref[0][i]),
+                    "ref_rejected": float(self.ref[1][i]),
+                }
+            )
+        if state.is_world_process_zero:
+            self._write_metrics(metrics)
+            self._write_parquets()
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _write_parquets(self) -> None:
+        import pandas as pd
+
+        # small tables, rewritten whole at each probe so a crashed run still has its last probe
+        pd.DataFrame(self.pair_rows).to_parquet(self.out / "pairs.parquet", index=False)
+        if self.probe_rows:
+            pd.DataFrame(self.probe_rows).to_parquet(self.out / "probes.parquet", index=False)
+
+
+def _has_rows(ds: Any) -> bool:
+    if ds is None:
+        return False
+    if isinstance(ds, dict):
+        return any(_has_rows(v) for v in ds.values())
+    try:
+        return len(ds) > 0
+    except TypeError:
+        return False
+
+
+def _current_lr(scheduler: Any, args: Any) -> float:
+    if scheduler is not None:
+        try:
+            return float(scheduler.get_last_lr()[0])
+        except Exception:
+            pass
+    return float(getattr(args, "learning_rate", 1.0))
+
+
+class _eval_mode:
+    """Eval mode (no dropout) for the probe, restoring the previous mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was)
+
+
+class _keep_grads:
+    """Save and restore `.grad` of the trainable parameters around the probe's backward, so a probe
+    between accumulation steps leaves the trainer's gradients untouched."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params: Sequence[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self) -> None:
+        self.saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def __exit__(self, *exc: object) -> None:
+        for p, g in zip(self.params, self.saved):
+            p.grad = g
