@@ -1,0 +1,624 @@
+"""Read, validate and write preference data in the formats TRL users already have.
+
+Accepted row layouts (TRL's preference formats, see `trl.data_utils`):
+
+* explicit prompt, standard:        ``{"prompt": str, "chosen": str, "rejected": str}``
+* explicit prompt, conversational:  ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``
+  (a string prompt with conversational responses is read as one user message);
+* implicit prompt:                  ``{"chosen": ..., "rejected": ...}`` where both hold the whole exchange;
+  the shared leading messages (or, for strings, the shared leading words) are the prompt. A `prompt`
+  column next to full conversations is kept as an extra column and the prompt is extracted, as TRL does.
+
+Every problem is reported with the file, the row (0-based, plus the line for JSON lines), the field and
+what was expected. By default invalid rows are an error (up to 5 are listed, so a user fixes them in one
+go); with ``on_invalid="drop"`` they are dropped and counted per reason in the `DataReport`, never
+silently. The pairs remember the columns they were read from, so `write_pairs` can write a filtered
+dataset back in the layout it came in (CHES filtering, `preflens ches --drop-top`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from preflens.errors import DataError, PreflensError
+
+Message = dict[str, Any]
+Text = Union[str, list[Message]]
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_LISTED = 5  # invalid rows shown in an error message / kept as examples in a report
+
+# Reasons a row is dropped; the keys of `DataReport.dropped` (stable: reports and tests read them).
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+EMPTY_RESPONSE = "empty_response"
+IDENTICAL_RESPONSES = "identical_responses"
+NO_SHARED_PREFIX = "no_shared_prefix"
+
+
+@dataclass
+class SourceFormat:
+    """Where a dataset came from and its column layout, shared by all its pairs (used to write it back)."""
+
+    origin: str
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    columns: list[str] = field(default_factory=list)
+    json_lines: bool = True  # a `.json` file read as JSON lines is written back as JSON lines
+
+
+@dataclass
+class PreferencePair:
+    """One preference pair, normalized: the prompt is always separate from the responses.
+
+    `pair_id` is the row's position in the source (0-based) and survives dropping and filtering, so
+    per-pair tables (log-probs, CHES scores) can be joined back to the input. `prompt`/`chosen`/
+    `rejected` are all strings or all message lists (`is_conversational`). `extra` holds the other
+    columns of the row so `write_pairs` can reproduce it (it also holds the original prompt cell where that
+    differs from `prompt`: a string prompt next to conversational responses, which `prompt` holds as one user
+    message); `implicit_prompt` says the source stored the prompt inside `chosen`/`rejected`.
+    """
+
+    pair_id: int
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    extra: dict[str, Any] = field(default_factory=dict)
+    implicit_prompt: bool = False
+    source: SourceFormat | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows on their way in: read, kept, dropped (by reason), truncated.
+
+    Written to `RUN/data_report.json`; the counts add up: rows_read == rows_kept + sum(dropped).
+    `examples` holds up to 5 messages per reason, naming the row and field.
+    """
+
+    stage: str = "load"
+    source: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, message: str) -> None:
+        """Count one dropped row under `reason`, keeping its message as an example (up to 5 per reason)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < MAX_LISTED:
+            shown.append(message)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        """One line for the console: 'read 1000 rows, kept 990; dropped 10 (identical_responses: 10)'."""
+        out = f"{self.stage}: read {self.rows_read} rows, kept {self.rows_kept}"
+        if self.dropped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items()))
+            out += f"; dropped {self.n_dropped} ({reasons})"
+        if self.truncated:
+            out += f"; truncated {self.truncated}"
+        return out
+
+
+class _InvalidRow(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# reading raw rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json_file(path: Path, split: str, limit: int | None) -> tuple[list[dict], list[int] | None, bool]:
+    """Rows of a .json/.jsonl file, their line numbers (JSON lines only), and whether it was JSON lines.
+
+    Read with the standard library rather than `datasets`: rows may mix strings and message lists (Arrow
+    cannot), and a malformed line is reported with its line number instead of an Arrow error.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped[:1] in ("[", "{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if stripped[:1] == "[":
+                raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+            obj = None  # `{` on the first line: may be JSON lines in a .json file
+        if obj is not None:
+            if isinstance(obj, dict):
+                # {"train": [...]} or {"data": [...]}: the split's rows
+                for key in (split, "data", "rows"):
+                    if isinstance(obj.get(key), list):
+                        obj = obj[key]
+                        break
+                else:
+                    raise DataError(
+                        f"{path}: expected a JSON array of row objects (or JSON lines), got an object with keys "
+                        f"{sorted(obj)[:10]}"
+                    )
+            rows = obj[:limit] if limit is not None else obj
+            return rows, None, False
+    rows, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        lines.append(lineno)
+    return rows, lines, True
+
+
+def _parse_csv_cell(value: Any) -> Any:
+    """CSV has no lists: conversational cells are JSON text (as `write_pairs` writes them)."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
+            return parsed
+    return value
+
+
+def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[str]):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_json_file(path, split, limit)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+        if limit is not None:
+            table = table.slice(0, limit)
+        # to_pylist keeps nested message lists as Python lists/dicts (pandas would give numpy arrays)
+        return table.to_pylist(), None, True
+    if suffix == ".csv":
+        import pandas as pd
+
+        try:
+            # everything as text, and an empty cell stays "" (not NaN) so it is reported as empty
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read as CSV ({exc})") from None
+        rows = df.to_dict(orient="records")
+        for row in rows:
+            for name in text_fields:
+                if name in row:
+                    row[name] = _parse_csv_cell(row[name])
+        return rows, None, True
+    raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _hf_rows(ds: Any, split: str, origin: str, limit: int | None) -> list[dict]:
+    """Rows of a `datasets` Dataset or DatasetDict (picking `split`)."""
+    if isinstance(getattr(ds, "column_names", None), dict):  # a DatasetDict
+        splits = list(ds.keys())
+        if split not in splits:
+            raise DataError(f"{origin}: no split {split!r}; available splits: {splits}")
+        ds = ds[split]
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+def _read_directory(path: Path, split: str, limit: int | None) -> list[dict]:
+    import datasets
+
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _hf_rows(datasets.load_from_disk(str(path)), split, str(path), limit)
+        ds = datasets.load_dataset(str(path), split=split)
+    except PreflensError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"{path}: cannot load this directory as a dataset with split {split!r} ({type(exc).__name__}: {exc}). "
+            f"Expected a `save_to_disk` directory or data files named by split (e.g. {split}.jsonl)"
+        ) from None
+    return _hf_rows(ds, split, str(path), limit)
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[dict]:
+    import datasets
+
+    spec = split if limit is None else f"{split}[:{limit}]"
+    try:
+        ds = datasets.load_dataset(name, split=spec)
+    except Exception as exc:
+        raise PreflensError(
+            f"cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub: {type(exc).__name__}: {exc}. "
+            "If you are offline (HF_DATASETS_OFFLINE=1), download it first or pass a local "
+            f"file ({', '.join(DATA_SUFFIXES)}) or directory."
+        ) from None
+    return ds.to_list()
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith((".", "/", "~"))
+        or source.lower().endswith(DATA_SUFFIXES)
+        or "\\" in source
+        or source.count("/") > 1
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# validating one row
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"
+
+
+def _check_messages(value: list, where: str, name: str) -> list[Message]:
+    if not value:
+        raise _InvalidRow(
+            EMPTY_RESPONSE if name != "prompt" else WRONG_TYPE, f"{where}: field {name!r} is an empty list"
+        )
+    for j, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise _InvalidRow(
+                WRONG_TYPE,
+                f"{where}: field {name!r} message {j} is {_kind(msg) if not isinstance(msg, dict) else 'a dict with keys ' + str(sorted(msg))}; "
+                "expected a message {'role': str, 'content': str}",
+            )
+        if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
+            raise _InvalidRow(
+                WRONG_TYPE,
+                f"{where}: field {name!r} message {j} has role {_kind(msg['role'])} and content {_kind(msg['content'])}; "
+                "expected both to be strings",
+            )
+    return value
+
+
+def _check_text(value: Any, where: str, name: str) -> Text:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _check_messages(value, where, name)
+    raise _InvalidRow(
+        WRONG_TYPE, f"{where}: field {name!r} is {_kind(value)}; expected a string or a list of chat messages"
+    )
+
+
+def _is_empty(text: Text) -> bool:
+    if isinstance(text, str):
+        return not text.strip()
+    return not text or all(not m["content"].strip() for m in text)
+
+
+def _shared_word_prefix(a: str, b: str) -> int:
+    """Length of the shared prefix of two strings, backed off to a whitespace boundary.
+
+    TRL's `extract_prompt` cuts at the first differing character, which can split a word ("bl|ue" vs
+    "bl|ack") and tokenize the prompt differently from how the model saw it; cutting before the word keeps
+    the prompt a clean token prefix. The whitespace goes with the responses (" blue"), as TRL does.
+    """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    while n > 0 and not a[n - 1].isspace():
+        n -= 1
+    while n > 0 and a[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def _split_implicit(
+    chosen: Text, rejected: Text, where: str, names: tuple[str, str]
+) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) from two full exchanges that start with the same prompt."""
+    if isinstance(chosen, list):
+        n = 0
+        for x, y in zip(chosen, rejected):
+            if x != y:
+                break
+            n += 1
+        if n == 0:
+            raise _InvalidRow(
+                NO_SHARED_PREFIX,
+                f"{where}: fields {names[0]!r} and {names[1]!r} share no leading message, so there is no implicit prompt; "
+                "expected both conversations to start with the same prompt turns (or add a prompt column)",
+            )
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = _shared_word_prefix(chosen, rejected)
+    if n == 0:
+        raise _InvalidRow(
+            NO_SHARED_PREFIX,
+            f"{where}: fields {names[0]!r} and {names[1]!r} share no leading words, so there is no implicit prompt; "
+            "expected both to start with the same prompt text (or add a prompt column)",
+        )
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _normalize_row(
+    row: Any, where: str, fields: tuple[str, str, str], explicit: bool
+) -> tuple[Text, Text, Text, bool, bool]:
+    """Validate one raw row or raise _InvalidRow.
+
+    Returns (prompt, chosen, rejected, implicit_prompt, keep_prompt_column): the last is True when the
+    row's own prompt cell differs from the normalized prompt (a string prompt wrapped as a user message,
+    or a prompt column beside full conversations) and must be written back as it was.
+    """
+    pf, cf, rf = fields
+    if not isinstance(row, dict):
+        raise _InvalidRow(
+            WRONG_TYPE, f"{where}: row is {_kind(row)}; expected an object with fields {list(fields)}"
+        )
+    needed = (pf, cf, rf) if explicit else (cf, rf)
+    for name in needed:
+        if name not in row or row[name] is None:
+            raise _InvalidRow(
+                MISSING_FIELD, f"{where}: missing field {name!r} (row has fields {sorted(map(str, row))})"
+            )
+    chosen = _check_text(row[cf], where, cf)
+    rejected = _check_text(row[rf], where, rf)
+    if type(chosen) is not type(rejected):
+        raise _InvalidRow(
+            WRONG_TYPE,
+            f"{where}: field {cf!r} is {_kind(chosen)} but field {rf!r} is {_kind(rejected)}; "
+            "expected both strings or both lists of chat messages",
+        )
+    implicit = not explicit
+    keep_prompt_column = False
+    prompt: Text = ""
+    if explicit:
+        prompt = _check_text(row[pf], where, pf)
+        if isinstance(chosen, str) and isinstance(prompt, list):
+            raise _InvalidRow(
+                WRONG_TYPE,
+                f"{where}: field {pf!r} is a list of chat messages but the responses are strings; "
+                "expected the same format for all three",
+            )
+        if isinstance(chosen, list):
+            if chosen[0]["role"] != "assistant" and rejected[0]["role"] != "assistant":
+                # full conversations next to a prompt column: the prompt is inside them (TRL does the same)
+                implicit = keep_prompt_column = True
+            elif isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+                keep_prompt_column = True
+    if implicit:
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, where, (cf, rf))
+    for name, text in ((cf, chosen), (rf, rejected)):
+        if _is_empty(text):
+            raise _InvalidRow(
+                EMPTY_RESPONSE,
+                f"{where}: field {name!r} has an empty response"
+                + (" after removing the shared prompt" if implicit else "")
+                + "; expected non-empty text",
+            )
+    if chosen == rejected:
+        raise _InvalidRow(
+            IDENTICAL_RESPONSES,
+            f"{where}: fields {cf!r} and {rf!r} are identical; a preference pair needs two different responses",
+        )
+    return prompt, chosen, rejected, implicit, keep_prompt_column
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+
+def load_pairs(
+    source: str | Path | Iterable[dict],
+    *,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    limit: int | None = None,
+    on_invalid: Literal["error", "drop"] = "error",
+) -> tuple[list[PreferencePair], DataReport]:
+    """Load preference pairs from a file, a directory, a hub dataset id or in-memory rows.
+
+    `source`: a .jsonl/.json/.parquet/.csv file; a directory (`save_to_disk`, or data files named by
+    split); a `datasets` hub id (loaded with `datasets.load_dataset`); or rows (a list of dicts, or a
+    `datasets.Dataset`). `split` picks the split of a directory or hub dataset. `limit` reads only the
+    first rows. The field names map other column names (e.g. HH's "chosen"/"rejected" without a prompt
+    column: implicit prompt). `on_invalid="drop"` drops invalid rows and counts them in the report
+    instead of raising `DataError`.
+    """
+    if on_invalid not in ("error", "drop"):
+        raise PreflensError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
+    if limit is not None and limit < 0:
+        raise PreflensError(f"limit must be >= 0, got {limit}")
+    fields = (prompt_field, chosen_field, rejected_field)
+    lines: list[int] | None = None
+    json_lines = True
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        origin = str(source)
+        if path.is_file():
+            rows, lines, json_lines = _read_file(path, split, limit, fields)
+        elif path.is_dir():
+            rows = _read_directory(path, split, limit)
+        elif isinstance(source, Path) or _looks_like_path(str(source)):
+            raise DataError(f"{source}: no such file or directory")
+        else:
+            rows = _read_hub(str(source), split, limit)
+    else:
+        origin = "<rows>"
+        if hasattr(source, "column_names") and hasattr(source, "to_list"):
+            rows = _hf_rows(source, split, "<dataset>", limit)
+        else:
+            rows = list(source)
+            if limit is not None:
+                rows = rows[:limit]
+
+    columns: list[str] = []
+    seen: set[str] = set()
+    for row in rows:
+        if isinstance(row, dict):
+            for key in row:
+                if key not in seen:
+                    seen.add(key)
+                    columns.append(key)
+    report = DataReport(stage="load", source=origin, rows_read=len(rows))
+    if not rows:
+        raise DataError(f"{origin}: no rows (expected preference pairs with fields {list(fields)})")
+    for name in (chosen_field, rejected_field):
+        if name not in seen:
+            raise DataError(
+                f"{origin}: no column {name!r}; available columns: {columns}. "
+                "Map your columns with prompt_field/chosen_field/rejected_field (--prompt-field, --chosen-field, "
+                "--rejected-field)"
+            )
+    explicit = prompt_field in seen
+    if not explicit:
+        report.notes.append(
+            f"no {prompt_field!r} column: the prompt is the shared beginning of {chosen_field!r} and {rejected_field!r}"
+        )
+    src = SourceFormat(origin, prompt_field, chosen_field, rejected_field, columns, json_lines)
+
+    pairs: list[PreferencePair] = []
+    errors: list[str] = []
+    n_invalid = 0
+    for i, row in enumerate(rows):
+        where = f"{origin}: row {i}" + (f" (line {lines[i]})" if lines is not None else "")
+        try:
+            prompt, chosen, rejected, implicit, keep_prompt = _normalize_row(row, where, fields, explicit)
+        except _InvalidRow as bad:
+            n_invalid += 1
+            if on_invalid == "drop":
+                report.drop(bad.reason, bad.message)
+            elif len(errors) < MAX_LISTED:
+                errors.append(bad.message)
+            continue
+        extra = {k: v for k, v in row.items() if k not in fields or (k == prompt_field and keep_prompt)}
+        pairs.append(PreferencePair(i, prompt, chosen, rejected, extra, implicit, src))
+    if errors:
+        more = f" (first {MAX_LISTED} shown)" if n_invalid > MAX_LISTED else ""
+        raise DataError(
+            f"{n_invalid} invalid row(s) in {origin}{more}:\n  "
+            + "\n  ".join(errors)
+            + "\nFix them, or pass on_invalid='drop' (--on-invalid drop) to drop and count them."
+        )
+    report.rows_kept = len(pairs)
+    if not pairs:
+        raise DataError(f"{origin}: all {len(rows)} rows are invalid: {report.examples}")
+    return pairs, report
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars/arrays and timestamps that parquet/pandas put into extra columns."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _join(prompt: Text, response: Text) -> Text:
+    if isinstance(response, list):
+        assert isinstance(prompt, list)
+        return prompt + response
+    assert isinstance(prompt, str)
+    return prompt + response
+
+
+def pairs_to_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+    """The pairs as rows in their source's layout: same column names and order, prompt implicit or not."""
+    rows = []
+    for p in pairs:
+        src = p.source or SourceFormat("<pairs>")
+        pf, cf, rf = src.prompt_field, src.chosen_field, src.rejected_field
+        if p.implicit_prompt:
+            values = {cf: _join(p.prompt, p.chosen), rf: _join(p.prompt, p.rejected)}
+        else:
+            values = {pf: p.prompt, cf: p.chosen, rf: p.rejected}
+        values.update(p.extra)
+        order = [c for c in src.columns if c in values] + [c for c in values if c not in src.columns]
+        rows.append({c: values[c] for c in order})
+    return rows
+
+
+def write_pairs(pairs: Sequence[PreferencePair], path: str | Path) -> Path:
+    """Write pairs to .jsonl/.json/.parquet/.csv (by suffix), in the columns and layout they were read in.
+
+    Conversational fields become JSON text in CSV (which has no lists); `load_pairs` parses them back.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise PreflensError(
+            f"{path}: cannot write {suffix!r} files; expected one of {', '.join(DATA_SUFFIXES)}"
+        )
+    rows = pairs_to_rows(pairs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    json_lines = suffix == ".jsonl" or (
+        suffix == ".json" and bool(pairs) and pairs[0].source is not None and pairs[0].source.json_lines
+    )
+    if suffix in (".jsonl", ".json") and json_lines:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+    elif suffix == ".json":
+        tmp.write_text(
+            json.dumps(rows, ensure_ascii=False, indent=1, default=_json_default) + "\n", encoding="utf-8"
+        )
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        import pandas as pd
+
+        cells = [
+            {
+                k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                for k, v in row.items()
+            }
+            for row in rows
+        ]
+        pd.DataFrame(cells).to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
