@@ -64,6 +64,9 @@ class RFTConfig:
     """Samples per prompt (apple/ml-rlgrad use 10 for reward statistics)."""
     prompts_per_step: int = 8
     lr: float = 1e-6
+    optimizer: str = "adamw"
+    """`adamw`, or `sgd` (plain gradient steps: Adam's per-coordinate normalization rescales tiny
+    gradients, which can partly hide the vanishing-gradient effect the theorem is about)."""
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     kl_coef: float = 0.0
@@ -252,8 +255,9 @@ def train_rft(
     if resume is False:
         _set_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_sft = torch.optim.AdamW(params, lr=config.sft_lr or config.lr, weight_decay=config.weight_decay)
-    opt_rft = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    opt_cls = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    opt_sft = opt_cls(params, lr=config.sft_lr or config.lr, weight_decay=config.weight_decay)
+    opt_rft = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
     model, opt_sft, opt_rft = accelerator.prepare(model, opt_sft, opt_rft)
     state = _LoopState()
     accelerator.register_for_checkpointing(state)
@@ -459,6 +463,8 @@ def _validate(config: RFTConfig, rows: list[PromptRow]) -> None:
         raise PreflensError("--prompts-per-step and --sft-batch-size must be >= 1")
     if not 0 < config.sft_fraction <= 1:
         raise PreflensError(f"--sft-fraction must be in (0, 1], got {config.sft_fraction}")
+    if config.optimizer not in ("adamw", "sgd"):
+        raise PreflensError(f"--optimizer must be adamw or sgd, got {config.optimizer!r}")
     if config.max_new_tokens < 1:
         raise PreflensError("--max-new-tokens must be >= 1")
     if config.initial_sft and not any(r.reference is not None for r in rows):

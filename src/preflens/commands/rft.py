@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "k": 8,
     "prompts_per_step": 8,
     "lr": 1e-6,
+    "optimizer": "adamw",
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "kl_coef": 0.0,
@@ -94,6 +95,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(DEFAULTS["k"], "-k", "--k", help="samples per prompt"),
         prompts_per_step: int = typer.Option(DEFAULTS["prompts_per_step"], "--prompts-per-step"),
         lr: float = typer.Option(DEFAULTS["lr"], "--lr"),
+        optimizer: str = typer.Option(DEFAULTS["optimizer"], "--optimizer", help="adamw | sgd"),
         weight_decay: float = typer.Option(DEFAULTS["weight_decay"], "--weight-decay"),
         max_grad_norm: float = typer.Option(
             DEFAULTS["max_grad_norm"], "--max-grad-norm", help="0 disables clipping"
@@ -138,6 +140,7 @@ def register(app: typer.Typer) -> None:
             k=k,
             prompts_per_step=prompts_per_step,
             lr=lr,
+            optimizer=optimizer,
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm or None,
             kl_coef=kl_coef,
