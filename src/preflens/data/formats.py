@@ -49,7 +49,7 @@ class SourceFormat:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     columns: list[str] = field(default_factory=list)
-    json_lines: bool = True  # a `.json` file read as JSON lines is written back as JSON lines
+    json_lines: bool = False  # a `.json` file read as JSON lines is written back as JSON lines
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _read_json_file(path: Path, split: str, limit: int | None) -> tuple[list[dic
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     stripped = text.lstrip()
-    if path.suffix == ".json" and stripped[:1] in ("[", "{"):
+    if path.suffix.lower() == ".json" and stripped[:1] in ("[", "{"):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -154,18 +154,15 @@ def _read_json_file(path: Path, split: str, limit: int | None) -> tuple[list[dic
             obj = None  # `{` on the first line: may be JSON lines in a .json file
         if obj is not None:
             if isinstance(obj, dict):
-                # {"train": [...]} or {"data": [...]}: the split's rows
+                # {"train": [...]} or {"data": [...]}: the split's rows; any other object is one JSON-lines row
                 for key in (split, "data", "rows"):
                     if isinstance(obj.get(key), list):
                         obj = obj[key]
                         break
                 else:
-                    raise DataError(
-                        f"{path}: expected a JSON array of row objects (or JSON lines), got an object with keys "
-                        f"{sorted(obj)[:10]}"
-                    )
-            rows = obj[:limit] if limit is not None else obj
-            return rows, None, False
+                    obj = None
+        if isinstance(obj, list):
+            return (obj[:limit] if limit is not None else obj), None, False
     rows, lines = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -208,7 +205,7 @@ def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[
         if limit is not None:
             table = table.slice(0, limit)
         # to_pylist keeps nested message lists as Python lists/dicts (pandas would give numpy arrays)
-        return table.to_pylist(), None, True
+        return table.to_pylist(), None, False
     if suffix == ".csv":
         import pandas as pd
 
@@ -222,7 +219,7 @@ def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[
             for name in text_fields:
                 if name in row:
                     row[name] = _parse_csv_cell(row[name])
-        return rows, None, True
+        return rows, None, False
     raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
 
 
@@ -291,6 +288,12 @@ def _kind(value: Any) -> str:
         return "a list"
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, dict):
+        return "an object"
     return f"a {type(value).__name__}"
 
 
@@ -471,7 +474,7 @@ def load_pairs(
         raise PreflensError(f"limit must be >= 0, got {limit}")
     fields = (prompt_field, chosen_field, rejected_field)
     lines: list[int] | None = None
-    json_lines = True
+    json_lines = False
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         origin = str(source)
@@ -485,7 +488,7 @@ def load_pairs(
             rows = _read_hub(str(source), split, limit)
     else:
         origin = "<rows>"
-        if hasattr(source, "column_names") and hasattr(source, "to_list"):
+        if hasattr(source, "column_names"):  # a datasets Dataset or DatasetDict
             rows = _hf_rows(source, split, "<dataset>", limit)
         else:
             rows = list(source)
