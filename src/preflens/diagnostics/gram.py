@@ -530,7 +530,7 @@ class GramCapture:
         """(rows that can carry gradient, their sequence index)."""
         if call.seg is None:
             return t[self.active], self.grid_seg
-        return t.reshape(t.shape[0], *t.shape[1:]), call.seg
+        return t, call.seg
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
         if call.done:  # a tensor hook can fire again if the graph is reused (retain_graph)
@@ -542,7 +542,7 @@ class GramCapture:
         if call.kind in ("linear", "conv1d"):
             x, _ = self._rows(call, call.x)
             x = x.to(dt)
-            for name, p in call.params:
+            for _name, p in call.params:
                 st = self.states[id(p)]
                 if p is call.module.weight:
                     a, b = (d, x) if call.kind == "linear" else (x, d)
