@@ -213,3 +213,43 @@ def test_cli_defaults_match_config():
     defaults = {f.name: f.default for f in dataclasses.fields(RFTConfig)}
     for key, value in DEFAULTS.items():
         assert defaults[key] == value, key
+
+
+def test_cli_rft_end_to_end_and_user_errors(tmp_path, monkeypatch):
+    """`preflens rft` through the real CLI entry point: flags reach the trainer, user errors exit 2."""
+    import sys
+
+    from preflens import cli
+
+    model, tok = make_tiny()
+    monkeypatch.setattr("preflens.commands.rft._load", lambda name: (model, tok))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": "apple"}) + "\n" for p in PROMPTS))
+    run = tmp_path / "run"
+    argv = ["preflens", "rft", "--prompts", str(prompts), "--reward", "keyword:apple", "-o", str(run)]
+    argv += [
+        "--steps",
+        "2",
+        "-k",
+        "4",
+        "--prompts-per-step",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--initial-sft",
+        "1",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    cfg = (run / "config.yaml").read_text()
+    assert "initial_sft: 1" in cfg and "k: 4" in cfg
+    assert [r["step"] for r in _metrics(run) if r["split"] == "train"] == [1, 2, 3]
+    # the same command again: the run dir exists -> a one-line error and exit code 2, no traceback
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    monkeypatch.setattr(sys, "argv", argv[:5] + ["exact", "-o", str(tmp_path / "r2")])
+    prompts.write_text(json.dumps({"prompt": "say apple"}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
