@@ -63,6 +63,14 @@ NEGATIVE = (
     "bad", "terrible", "awful", "boring", "poor", "sad", "ugly", "horrible", "dull", "worst", "weak",
     "annoying", "painful", "disappointing", "bland", "broken", "messy", "slow",
 )  # fmt: skip
+# shared openings for shared_positions="prefix": the first `shared_tokens` words of one of these
+NEUTRAL_PHRASES = (
+    "to be honest i think that overall the whole thing was just",
+    "all in all i have to say that it was really quite",
+    "after thinking about it for a while i would say it was",
+    "my friends and i talked about it and we all think it is",
+    "if you ask me what i think about it i would say it is",
+)
 FILLER = (
     "and", "it", "was", "really", "very", "quite", "so", "also", "truly", "the", "whole", "thing", "for",
     "me", "overall", "just", "honestly", "simply",
@@ -80,9 +88,9 @@ def sentiment_pairs(
     """`n` rows {prompt, chosen, rejected, shared_tokens}: a review opening, positive vs negative continuation.
 
     Both responses have `response_length` words; at exactly `shared_tokens` positions they hold the same
-    neutral filler word, elsewhere chosen has a positive and rejected a negative word (disjoint word
-    lists, so those positions always differ). `shared_positions="prefix"` puts the shared words first
-    (a shared opening, "it was really ..."), `"random"` at random positions (per pair), which keeps the
+    neutral word, elsewhere chosen has a positive and rejected a negative word (disjoint word lists, so
+    those positions always differ). `shared_positions="prefix"` puts the shared words first (the start of
+    a neutral phrase, "to be honest i think ..."), `"random"` at random positions (per pair), which keeps the
     position-wise overlap that token-level masking (`sparse` loss, mask="diff") sees the same.
     Word-level tokenizers give exactly `response_length` response tokens (+ EOS); BPE tokenizers keep
     the shared words shared as tokens.
@@ -106,10 +114,11 @@ def sentiment_pairs(
             shared = set(range(shared_tokens))
         else:
             shared = set(rng.sample(range(response_length), shared_tokens))
+        phrase = rng.choice(NEUTRAL_PHRASES).split()
         chosen, rejected = [], []
         for j in range(response_length):
             if j in shared:
-                w = rng.choice(FILLER)
+                w = phrase[j] if shared_positions == "prefix" and j < len(phrase) else rng.choice(FILLER)
                 chosen.append(w)
                 rejected.append(w)
             else:
@@ -349,7 +358,7 @@ def _words(texts: Sequence[str]) -> set[str]:
 
 SYNTHETIC_VOCAB: tuple[str, ...] = tuple(
     sorted(
-        _words(ITEMS + OPENINGS + POSITIVE + NEGATIVE + FILLER)
+        _words(ITEMS + OPENINGS + POSITIVE + NEGATIVE + FILLER + NEUTRAL_PHRASES)
         | _words(["review of the", PERSONA_PROMPT, "yes no sure never"])
         | _words([s for s, _ in PERSONA_STATEMENTS])
         | _words([v for r in DEMO_ROWS for v in r.values()])
