@@ -292,3 +292,22 @@ def test_embedded_smollm2_tokenizer_bpe_and_chatml():
     assert it.prompt_ids + it.chosen_ids == t(STR_ROWS[0]["prompt"] + STR_ROWS[0]["chosen"])["input_ids"] + [
         t.eos_token_id
     ]
+
+
+def test_length_grouped_sampler_reshuffles_under_accelerate_sharding():
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    lengths = [(i * 13) % 29 + 1 for i in range(64)]
+    items = [TokenizedPair(i, [1], [2] * n, [3]) for i, n in enumerate(lengths)]
+    sampler = LengthGroupedBatchSampler(lengths, 4, seed=0, mega_batch_mult=2)
+    dl = DataLoader(PairDataset(items), batch_sampler=sampler, collate_fn=lambda b: [it.pair_id for it in b])
+    shards = [prepare_data_loader(dl, num_processes=2, process_index=r, put_on_device=False) for r in (0, 1)]
+    epoch0 = [list(s) for s in shards]
+    assert sorted(i for s in epoch0 for bt in s for i in bt) == list(
+        range(64)
+    )  # the two processes split the data
+    for s in shards:
+        s.set_epoch(1)
+    epoch1 = [list(s) for s in shards]
+    assert epoch1 != epoch0 and sorted(i for s in epoch1 for bt in s for i in bt) == list(range(64))

@@ -309,6 +309,17 @@ class PairDataset(_torch_dataset_base()):  # type: ignore[misc]
         return [it.length for it in self.items]
 
 
+class _Epoch:
+    """The epoch counter, reachable as `batch_sampler.sampler.set_epoch` - where accelerate's DataLoaderShard
+    looks for it once it has wrapped a batch sampler for several processes (BatchSamplerShard)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
 class LengthGroupedBatchSampler:
     """Batches of indices with similar lengths, to cut padding (as HF's `group_by_length`).
 
@@ -316,7 +327,8 @@ class LengthGroupedBatchSampler:
     ``batch_size * mega_batch_mult``, each sorted by length (longest first) and cut into batches; the
     batch order is then shuffled, except that the batch with the longest pair goes first so an
     out-of-memory error shows on step one. Deterministic for a given (seed, epoch), so a resumed run sees
-    the same order.
+    the same order and every process of a multi-process run the same batches (accelerate's
+    BatchSamplerShard then gives each process its share and reaches `set_epoch` through `.sampler`).
     """
 
     def __init__(
@@ -337,10 +349,14 @@ class LengthGroupedBatchSampler:
         self.seed = seed
         self.mega_batch_mult = max(1, mega_batch_mult)
         self.drop_last = drop_last
-        self.epoch = 0
+        self.sampler = _Epoch()
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
