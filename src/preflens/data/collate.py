@@ -137,7 +137,8 @@ def tokenize_pairs(
         raise PreflensError(
             "the tokenizer has no EOS token; responses must end with one (set tokenizer.eos_token)"
         )
-    report = DataReport(stage="tokenize", source=type(tokenizer).__name__, rows_read=len(pairs))
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    report = DataReport(stage="tokenize", source=str(name), rows_read=len(pairs))
     if not pairs:
         return [], report
 
