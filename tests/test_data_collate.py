@@ -311,3 +311,20 @@ def test_length_grouped_sampler_reshuffles_under_accelerate_sharding():
         s.set_epoch(1)
     epoch1 = [list(s) for s in shards]
     assert epoch1 != epoch0 and sorted(i for s in epoch1 for bt in s for i in bt) == list(range(64))
+
+
+def test_merged_report_adds_up_over_load_and_tokenize(tok):
+    from preflens.data.formats import merge_reports
+
+    rows = [
+        _pair(3, 2, 2),
+        {"prompt": "p", "chosen": " x", "rejected": " x"},
+        _pair(12, 2, 2),
+        _pair(3, 9, 2),
+    ]
+    pairs, r_load = load_pairs(rows, on_invalid="drop")
+    items, r_tok = tokenize_pairs(pairs, tok, max_length=8, max_prompt_length=8)
+    merged = merge_reports(r_load, r_tok)
+    assert merged["dropped"] == {"identical_responses": 1, "too_long": 1}
+    assert (merged["rows_read"], merged["rows_kept"], merged["truncated"]) == (4, 2, 1) == (4, len(items), 1)
+    assert [s["stage"] for s in merged["stages"]] == ["load", "tokenize"]

@@ -4,6 +4,6 @@ The data path is `load_pairs` -> `tokenize_pairs` -> `collate_pairs` (ARCHITECTU
 Only the light `formats` names are imported here; `collate` imports torch when used.
 """
 
-from preflens.data.formats import DataReport, PreferencePair, load_pairs, write_pairs
+from preflens.data.formats import DataReport, PreferencePair, load_pairs, merge_reports, write_pairs
 
-__all__ = ["DataReport", "PreferencePair", "load_pairs", "write_pairs"]
+__all__ = ["DataReport", "PreferencePair", "load_pairs", "merge_reports", "write_pairs"]

@@ -122,6 +122,28 @@ class DataReport:
         return out
 
 
+def merge_reports(*reports: DataReport) -> dict[str, Any]:
+    """One `data_report.json` for a pipeline of stages (load, then tokenize): rows read by the first stage,
+    kept by the last, drops summed per reason over the stages, and each stage's own report.
+
+    The stages run in sequence on the survivors of the previous one, so the counts add up:
+    rows_read == rows_kept + sum(dropped).
+    """
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    dropped: dict[str, int] = {}
+    for r in reports:
+        for reason, n in r.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    return {
+        "rows_read": reports[0].rows_read,
+        "rows_kept": reports[-1].rows_kept,
+        "dropped": dropped,
+        "truncated": sum(r.truncated for r in reports),
+        "stages": [r.to_dict() for r in reports],
+    }
+
+
 class _InvalidRow(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
