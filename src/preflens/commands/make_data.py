@@ -31,8 +31,12 @@ def register(app: typer.Typer) -> None:
             0.0, "--mask-rate", help="grid: fraction of responses hidden from the pairs"
         ),
     ) -> None:
-        """Write synthetic preference data: a sentiment task with a shared-token knob (gradient entanglement),
-        single-token persona answers (likelihood displacement), or the utility grid of Gradient Imbalance."""
+        """Write synthetic preference data (deterministic by seed, offline).
+
+        sentiment: review openings with a positive chosen and a negative rejected continuation; --shared-tokens
+        sets how many words the two share (gradient entanglement). persona: single-token yes/no answers
+        (likelihood displacement). grid: the 20x20 utility grid of Gradient Imbalance in DPO (JSON).
+        """
         from preflens.data import synthetic
         from preflens.data.formats import load_pairs, write_pairs
         from preflens.errors import PreflensError
