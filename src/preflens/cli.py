@@ -25,6 +25,8 @@ COMMAND_MODULES: list[str] = [
     "rft",
     "report",
     "make_data",
+    "ches",
+    "displacement",
 ]
 
 
