@@ -26,6 +26,15 @@ from preflens.rewards import RewardError, get_reward
 WORDS = ("apple", "banana", "cherry", "say", "the", "word", "please", "x", "y", "z")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tiny(seed: int = 0):
     """A 2-layer Llama and a word-level tokenizer over WORDS (ids: pad 0, bos 1, eos 2, unk 3)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -86,14 +95,15 @@ def test_sampling_layout(tiny):
         assert s.completions[i] == tok.decode([t for t in resp if t != 2], skip_special_tokens=True)
 
 
-def test_grad_norms_and_std_match_explicit_per_sample_loop(tiny):
+@pytest.mark.parametrize("method", ["loop", "gram"])
+def test_grad_norms_and_std_match_explicit_per_sample_loop(tiny, method):
     model, tok = tiny
     torch.manual_seed(1)
     prompts = [encode_prompt(tok, "say the word apple"), encode_prompt(tok, "please say banana")]
     k = 4
     s = sample_completions(model, tok, prompts, k, max_new_tokens=5)
     rewards = torch.tensor([[1.0, 0.0, 0.5, 2.0], [0.3, -1.0, 0.3, 0.7]])
-    norms, logps = policy_gradient_norms(model, s, rloo_weights(rewards))
+    norms, logps = policy_gradient_norms(model, s, rloo_weights(rewards), method=method)
 
     params = [p for p in model.parameters() if p.requires_grad]
     for p in range(2):
@@ -116,18 +126,20 @@ def test_grad_norms_and_std_match_explicit_per_sample_loop(tiny):
         assert statistics.stdev(r) == pytest.approx(float(rewards[p].std()), rel=1e-6)
 
 
-def test_equal_rewards_give_zero_gradient(tiny):
+@pytest.mark.parametrize("method", ["loop", "gram"])
+def test_equal_rewards_give_zero_gradient(tiny, method):
     model, tok = tiny
     torch.manual_seed(2)
     s = sample_completions(model, tok, [encode_prompt(tok, "say apple")] * 2, 4, max_new_tokens=3)
     rewards = torch.tensor([[0.7] * 4, [1.0, 0.0, 0.0, 0.0]])
     assert torch.equal(rloo_weights(rewards)[0], torch.zeros(4))
-    norms, _ = policy_gradient_norms(model, s, rloo_weights(rewards))
+    norms, _ = policy_gradient_norms(model, s, rloo_weights(rewards), method=method)
     assert float(norms[0]) == 0.0
     assert float(norms[1]) > 0.0
 
 
-def test_accumulated_gradient_is_the_mean_of_per_prompt_estimates(tiny):
+@pytest.mark.parametrize("method", ["loop", "gram"])
+def test_accumulated_gradient_is_the_mean_of_per_prompt_estimates(tiny, method):
     model, tok = tiny
     torch.manual_seed(3)
     s = sample_completions(
@@ -136,7 +148,7 @@ def test_accumulated_gradient_is_the_mean_of_per_prompt_estimates(tiny):
     w = rloo_weights(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]]))
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    policy_gradient_norms(model, s, w, accumulate_scale=0.5)
+    norms, _ = policy_gradient_norms(model, s, w, accumulate_scale=0.5, method=method)
     got = [p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
     # reference: the loss -1/P sum_p sum_i w_pi log pi(y_pi|x_p), each sequence forwarded on its own
@@ -149,6 +161,19 @@ def test_accumulated_gradient_is_the_mean_of_per_prompt_estimates(tiny):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
+    # and the per-prompt norms returned beside the update are those of each prompt's own estimate
+    for p in range(2):
+        g_p = torch.autograd.grad(
+            sum(
+                w[p, i]
+                * _explicit_logp(
+                    model, s.input_ids[3 * p + i, : int(s.attention_mask[3 * p + i].sum())].tolist(), 1
+                )
+                for i in range(3)
+            ),
+            params,
+        )
+        assert float(norms[p]) == pytest.approx(math.sqrt(sum(float((x**2).sum()) for x in g_p)), rel=1e-4)
 
 
 def test_exact_std_of_pm1_reward_is_bernoulli_formula():

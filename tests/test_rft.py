@@ -18,6 +18,15 @@ WORDS = ("apple", "banana", "cherry", "say", "the", "word", "please", "x", "y", 
 PROMPTS = ["say apple", "say the word apple", "please say apple", "x y"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tiny(seed: int = 0):
     """A 2-layer Llama and a word-level tokenizer over WORDS (ids: pad 0, bos 1, eos 2, unk 3)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -253,3 +262,27 @@ def test_cli_rft_end_to_end_and_user_errors(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 2
+
+
+def test_gram_and_loop_gradient_methods_train_identically(tmp_path):
+    """One batched backward with Gram hooks gives the same update and per-prompt norms as the loop."""
+    import pandas as pd
+
+    out = {}
+    for method in ("loop", "gram"):
+        model, tok = make_tiny()
+        cfg = RFTConfig(steps=3, grad_method=method, kl_coef=0.05, **FAST)
+        train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / method)
+        out[method] = (
+            model,
+            _metrics(tmp_path / method),
+            pd.read_parquet(tmp_path / method / "prompts.parquet"),
+        )
+    (ma, rows_a, pa), (mb, rows_b, pb) = out["loop"], out["gram"]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("reward/mean", "reward/std", "grad_norm", "kl", "loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    pd.testing.assert_series_equal(pa["grad_norm"], pb["grad_norm"], rtol=1e-4)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

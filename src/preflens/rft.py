@@ -91,6 +91,9 @@ class RFTConfig:
     sft_lr: float | None = None
     sft_batch_size: int = 8
     seed: int = 0
+    grad_method: str = "auto"
+    """How per-prompt gradient norms are computed: `auto` | `gram` (one batched backward with Gram
+    hooks) | `loop` (one backward per prompt); see `reward_std.policy_gradient_norms`."""
 
 
 class _LoopState:
@@ -307,6 +310,7 @@ def train_rft(
             top_p=config.top_p,
             chat_template=config.chat_template,
             std_threshold=config.std_threshold,
+            grad_method=config.grad_method,
         )
         summ = summarize(
             res.rows,
@@ -465,6 +469,8 @@ def _validate(config: RFTConfig, rows: list[PromptRow]) -> None:
         raise PreflensError(f"--sft-fraction must be in (0, 1], got {config.sft_fraction}")
     if config.optimizer not in ("adamw", "sgd"):
         raise PreflensError(f"--optimizer must be adamw or sgd, got {config.optimizer!r}")
+    if config.grad_method not in ("auto", "loop", "gram"):
+        raise PreflensError(f"--grad-method must be auto, loop or gram, got {config.grad_method!r}")
     if config.max_new_tokens < 1:
         raise PreflensError("--max-new-tokens must be >= 1")
     if config.initial_sft and not any(r.reference is not None for r in rows):
@@ -568,7 +574,7 @@ def _rft_step(
 
     params = [p for p in model.parameters() if p.requires_grad]
     norms, logps = policy_gradient_norms(
-        model, samples, weight_fn, params=params, accumulate_scale=1.0 / len(idx)
+        model, samples, weight_fn, params=params, accumulate_scale=1.0 / len(idx), method=config.grad_method
     )
     gnorm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
     opt.step()

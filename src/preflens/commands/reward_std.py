@@ -54,6 +54,7 @@ def run_reward_std(
     low_reward: float | None = None,
     chat_template: bool | None = None,
     grad_norm: bool = True,
+    grad_method: str = "auto",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns the summary dict."""
@@ -108,6 +109,7 @@ def run_reward_std(
             top_p=top_p,
             chat_template=chat_template,
             compute_grad_norm=grad_norm,
+            grad_method=grad_method,
             std_threshold=std_threshold,
             on_batch=lambda res: _write(out, res, summary(partial=True)),
             result=result,
@@ -185,6 +187,11 @@ def register(app: typer.Typer) -> None:
         grad_norm: bool = typer.Option(
             True, "--grad-norm/--no-grad-norm", help="also estimate ||grad V_x|| (one backward per prompt)"
         ),
+        grad_method: str = typer.Option(
+            "auto",
+            "--grad-method",
+            help="auto | gram (one batched backward) | loop (one backward per prompt)",
+        ),
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
         """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
@@ -203,6 +210,7 @@ def register(app: typer.Typer) -> None:
             low_reward=low_reward,
             chat_template=chat_template,
             grad_norm=grad_norm,
+            grad_method=grad_method,
             overwrite=overwrite,
         )
         _print(summary, output_dir)

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "sft_fraction": 1.0,
     "sft_batch_size": 8,
     "seed": 0,
+    "grad_method": "auto",
 }
 
 
@@ -125,6 +126,11 @@ def register(app: typer.Typer) -> None:
         sft_lr: float = typer.Option(None, "--sft-lr", help="default: --lr"),
         sft_batch_size: int = typer.Option(DEFAULTS["sft_batch_size"], "--sft-batch-size"),
         seed: int = typer.Option(DEFAULTS["seed"], "--seed"),
+        grad_method: str = typer.Option(
+            DEFAULTS["grad_method"],
+            "--grad-method",
+            help="per-prompt gradient norms: auto | gram (one batched backward) | loop (one backward per prompt)",
+        ),
         resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
         overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run dir first"),
     ) -> None:
@@ -158,6 +164,7 @@ def register(app: typer.Typer) -> None:
             sft_lr=sft_lr,
             sft_batch_size=sft_batch_size,
             seed=seed,
+            grad_method=grad_method,
         )
         for phase, ev in summary["evals"].items():
             typer.echo(

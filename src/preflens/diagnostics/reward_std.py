@@ -275,6 +275,9 @@ def exact_reward_std(probs: Tensor, rewards: Tensor) -> Tensor:
     return ((probs * (rewards - mean) ** 2).sum(-1)).clamp_min(0).sqrt()
 
 
+GRAD_METHODS = ("auto", "loop", "gram")
+
+
 def policy_gradient_norms(
     model: nn.Module,
     samples: Samples,
@@ -282,32 +285,61 @@ def policy_gradient_norms(
     *,
     params: Sequence[nn.Parameter] | None = None,
     accumulate_scale: float | None = None,
+    method: str = "loop",
 ) -> tuple[Tensor, Tensor]:
     """Per-prompt norms ||sum_i w_i grad log pi(y_i|x_p)|| and the samples' log-probs.
 
     `weight_fn` is a [P, K] weight table or `fn(p, logps_p) -> w_p [K]` (called with the detached
-    log-probs of the prompt's samples, so a KL-shaped reward can use them). One forward+backward per
-    prompt. With `accumulate_scale` = c the gradient of the loss -c sum_i w_i log pi(y_i|x_p) is added
-    to each parameter's `.grad` (gradient ascent on the reward as descent on that loss), so a trainer
-    gets its update and the per-prompt norms from the same backward passes.
-    Returns (norms [P], logps [P*K] detached).
+    log-probs of the prompt's samples, so a KL-shaped reward can use them). With `accumulate_scale` = c
+    the gradient of the loss -c sum_p sum_i w_pi log pi(y_pi|x_p) is added to the parameters' `.grad`
+    (gradient ascent on the reward as descent on that loss), so a trainer gets its update and the
+    per-prompt norms from the same backward.
+
+    `method`:
+    - `loop`: one forward+backward per prompt (K rows each), i.e. gradient accumulation with one prompt
+      per micro-batch; works for any model; activation memory of K sequences.
+    - `gram`: ONE forward+backward over all P*K samples with `preflens.diagnostics.gram.GramCapture`
+      hooks, which give the Gram matrix of the per-sample gradient contributions c_s grad logp_s
+      (c_s = -scale w_s) without materialising them; then ||g_p||^2 = sum over p's block of that Gram.
+      The Gram is accumulated in float64, so tiny norms (the small-std prompts this is about) are not
+      lost to cancellation (the weights of a prompt sum to zero). Far fewer kernel launches on a GPU.
+    - `auto`: `gram`, falling back to `loop` when the model has modules the Gram hooks do not cover.
+    Returns (norms [P] float32, logps [P*K] detached, on the CPU).
     """
+    if method not in GRAD_METHODS:
+        raise PreflensError(f"gradient-norm method must be one of {GRAD_METHODS}, got {method!r}")
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise PreflensError("the model has no trainable parameters")
+    if method != "loop":
+        from preflens.diagnostics.gram import GramError
+
+        try:
+            return _pg_norms_gram(model, samples, weight_fn, params, accumulate_scale)
+        except GramError:
+            if method == "gram":
+                raise
+    return _pg_norms_loop(model, samples, weight_fn, params, accumulate_scale)
+
+
+def _weights(weight_fn: Callable[[int, Tensor], Tensor] | Tensor, p: int, logps: Tensor) -> Tensor:
+    w = weight_fn(p, logps.detach()) if callable(weight_fn) else weight_fn[p]
+    return w.to(logps.device, logps.dtype)
+
+
+def _pg_norms_loop(model, samples, weight_fn, params, accumulate_scale) -> tuple[Tensor, Tensor]:
     norms, all_logps = [], []
+    dev = params[0].device
     for p in range(samples.num_prompts):
         ids, am, rm = samples.rows(p)
-        dev = params[0].device
         logps = sequence_logps(model, ids.to(dev), am.to(dev), rm.to(dev)).logps
-        w = weight_fn(p, logps.detach()) if callable(weight_fn) else weight_fn[p]
-        w = w.to(logps.device, logps.dtype)
-        all_logps.append(logps.detach())
+        w = _weights(weight_fn, p, logps)
+        all_logps.append(logps.detach().cpu())
         if not bool(torch.any(w != 0)):  # all rewards equal: the estimate is exactly zero
             norms.append(torch.zeros((), dtype=torch.float32))
             continue
         grads = torch.autograd.grad((w * logps).sum(), params, allow_unused=True)
-        sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+        sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
         norms.append(torch.tensor(math.sqrt(sq), dtype=torch.float32))
         if accumulate_scale is not None:
             for prm, g in zip(params, grads):
@@ -318,7 +350,40 @@ def policy_gradient_norms(
                     prm.grad = upd.detach().clone()
                 else:
                     prm.grad.add_(upd)
-    return torch.stack(norms), torch.cat(all_logps).cpu()
+    return torch.stack(norms), torch.cat(all_logps)
+
+
+def _pg_norms_gram(model, samples, weight_fn, params, accumulate_scale) -> tuple[Tensor, Tensor]:
+    from preflens.diagnostics.gram import GramCapture, GramError
+
+    dev = params[0].device
+    t = int(samples.attention_mask.sum(1).max())
+    ids, am, rm = (
+        x[:, :t].to(dev) for x in (samples.input_ids, samples.attention_mask, samples.response_mask)
+    )
+    k, n_prompts = samples.k, samples.num_prompts
+    train = accumulate_scale is not None
+    scale = accumulate_scale if train else 1.0
+    # the anchor drives an activation-only backward when no weight gradient is wanted
+    cap = GramCapture(model, am, rm, params, compute_dtype=torch.float64, anchor=not train)
+    with torch.enable_grad(), cap:
+        logps = sequence_logps(model, ids, am, rm).logps
+        cap.check_graph(logps)
+        w = torch.cat([_weights(weight_fn, p, logps[p * k : (p + 1) * k]) for p in range(n_prompts)])
+        loss = -(scale * w * logps).sum()
+        if train:
+            loss.backward()
+        else:
+            if cap.anchor is None:
+                raise GramError("the input-embedding hook did not run")
+            torch.autograd.grad(loss, cap.anchor)
+    gram = cap.finish()
+    blocks = gram.view(n_prompts, k, n_prompts, k).diagonal(dim1=0, dim2=2)  # [K, K, P]
+    sq = blocks.sum((0, 1)).clamp_min(0) / (scale * scale)
+    norms = sq.sqrt().float().cpu()
+    zero = (w.view(n_prompts, k) == 0).all(1).cpu()
+    norms[zero] = 0.0  # all rewards equal: exactly zero, not float round-off
+    return norms, logps.detach().cpu()
 
 
 @dataclass
@@ -342,6 +407,7 @@ def reward_std_diagnostic(
     top_p: float = 1.0,
     chat_template: bool | None = None,
     compute_grad_norm: bool = True,
+    grad_method: str = "auto",
     std_threshold: float = 0.1,
     on_batch: Callable[[RewardStdResult], None] | None = None,
     result: RewardStdResult | None = None,
@@ -377,7 +443,9 @@ def reward_std_diagnostic(
         rewards = torch.tensor(values, dtype=torch.float64).view(len(batch), k)
         mean, std = reward_mean_std(rewards)
         if compute_grad_norm:
-            norms, logps = policy_gradient_norms(model, samples, rloo_weights(rewards).float())
+            norms, logps = policy_gradient_norms(
+                model, samples, rloo_weights(rewards).float(), method=grad_method
+            )
         else:
             norms, logps = torch.full((len(batch),), float("nan")), torch.full((len(group),), float("nan"))
         for p, row in enumerate(batch):
