@@ -292,3 +292,30 @@ def test_cli_reward_failure_keeps_partial_results(tiny, tmp_path, monkeypatch):
     df = pd.read_parquet(out / "reward_std.parquet")
     assert list(df["prompt_id"]) == ["0", "1"]
     assert json.loads((out / "summary.json").read_text())["partial"] is True
+
+
+def test_cli_main_reward_std_prints_and_flags(tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pandas as pd
+
+    from preflens import cli
+
+    model, tok = tiny
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, ["say apple", "say banana", "x", "y z", "please", "the word"])
+    out = tmp_path / "out"
+    argv = ["preflens", "reward-std", "--prompts", str(prompts), "--reward", "keyword:apple", "-k", "3"]
+    monkeypatch.setattr(sys, "argv", argv + ["-o", str(out), "--max-new-tokens", "2"])
+    cli.main()
+    df = pd.read_parquet(out / "reward_std.parquet")
+    # keyword rewards lie in [0, 1]: "low" means below the midpoint 0.5
+    assert (df["flagged"] == ((df["reward_std"] < 0.1) & (df["reward_mean"] < 0.5))).all()
+    printed = capsys.readouterr().out
+    assert "small std AND low reward" in printed
+    if df["flagged"].any():
+        assert "prompts flagged" in printed
+    with pytest.raises(SystemExit) as exc:  # output exists: refused without --overwrite
+        cli.main()
+    assert exc.value.code == 2

@@ -32,6 +32,10 @@ def _write(out: Path, result: Any, summary: dict[str, Any]) -> None:
         df = pd.DataFrame(rows)
         if "prompt_id" in df:
             df["prompt_id"] = df["prompt_id"].astype(str)
+        if name == "reward_std" and len(df) and "low_reward_threshold" in summary:
+            # the prompts RFT is predicted to leave behind: small std AND low reward (seed 003, Finding I)
+            df["low_reward"] = df["reward_mean"] < summary["low_reward_threshold"]
+            df["flagged"] = df["small_std"] & df["low_reward"]
         tmp = out / f"{name}.parquet.tmp"
         df.to_parquet(tmp, index=False)
         os.replace(tmp, out / f"{name}.parquet")
@@ -146,6 +150,20 @@ def _print(summary: dict[str, Any], out: Path) -> None:
         if summary.get(key) is not None:
             t.add_row(label, f"{summary[key]:.4g}")
     console.print(t)
+    import pandas as pd
+
+    df = pd.read_parquet(out / "reward_std.parquet")
+    if "flagged" in df and df["flagged"].any():
+        flagged = df[df["flagged"]].sort_values("reward_mean").head(5)
+        console.print(
+            f"{int(df['flagged'].sum())} prompts flagged (small std and low reward), lowest reward first:"
+        )
+        for _, r in flagged.iterrows():
+            text = r["prompt"] if len(r["prompt"]) <= 70 else r["prompt"][:67] + "..."
+            console.print(
+                f"  id {r['prompt_id']}: reward {r['reward_mean']:.3f}, std {r['reward_std']:.3f}, "
+                f"||g|| {r['grad_norm']:.2e}  {text!r}"
+            )
     console.print(f"[dim]{summary['note']}[/dim]")
     console.print(f"wrote {out}/reward_std.parquet, samples.parquet, summary.json")
 
