@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "make_data",
     "ches",
     "displacement",
+    "train",
 ]
 
 
