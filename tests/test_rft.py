@@ -286,3 +286,21 @@ def test_gram_and_loop_gradient_methods_train_identically(tmp_path):
     pd.testing.assert_series_equal(pa["grad_norm"], pb["grad_norm"], rtol=1e-4)
     for p, q in zip(ma.parameters(), mb.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_reward_failure_in_post_sft_evaluation_resumes_there(tmp_path):
+    rows = _rows() + [PromptRow(4, "say banana", "apple")]
+    cfg = RFTConfig(steps=2, initial_sft=2, save_every=1, k=4, prompts_per_step=5, lr=1e-2, max_new_tokens=2)
+    run = tmp_path / "run"
+    model, tok = make_tiny()
+    with pytest.raises(RewardError, match="post-SFT evaluation"):  # call 1: init eval; call 2 fails
+        train_rft(model, tok, rows, _BreaksLater(ok_calls=1), cfg, run)
+    assert latest_checkpoint(run).name == "step-2"
+    summary = train_rft(make_tiny()[0], tok, rows, get_reward(apple_fraction), cfg, run, resume=True)
+    assert "sft_effect" in summary and summary["evals"]["after_sft"]["step"] == 2
+    assert [(r["step"], r["phase"]) for r in _metrics(run) if r["split"] == "train"] == [
+        (1, "sft"),
+        (2, "sft"),
+        (3, "rft"),
+        (4, "rft"),
+    ]

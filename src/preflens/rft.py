@@ -344,7 +344,8 @@ def train_rft(
                 for r in res.rows
             ]
         )
-        evals[phase] = {"step": state.step, **{k: v for k, v in summ.items() if k != "note"}}
+        key = f"rft-{state.step}" if phase == "rft" else phase
+        evals[key] = {"step": state.step, "phase": phase, **{k: v for k, v in summ.items() if k != "note"}}
         (run_dir / "evals.json").write_text(json.dumps(evals, indent=2))
         say(
             f"[{phase} @ step {state.step}] reward {summ['reward_mean']:.4f}  "
@@ -394,10 +395,12 @@ def train_rft(
                 }
             )
             if state.step == config.initial_sft:
-                guarded(lambda: evaluate("after_sft"), "the post-SFT evaluation")
                 accelerator.unwrap_model(model).save_pretrained(run_dir / "sft")
             if config.save_every and state.step % config.save_every == 0:
                 save_checkpoint()
+        # outside the loop so that a run resumed right after SFT (e.g. the reward failed here) still does it
+        if config.initial_sft and "after_sft" not in evals:
+            guarded(lambda: evaluate("after_sft"), "the post-SFT evaluation")
 
         if config.kl_coef > 0:
             ref_model = _reference_model(model, accelerator, run_dir, config, state)
