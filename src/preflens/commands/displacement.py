@@ -120,9 +120,9 @@ def run_displacement(
     if _model_obj is not None:
         lm, tok = _model_obj
     else:
-        from preflens.models import load_model
+        from preflens.commands.ches import _load_model
 
-        lm, tok = load_model(model)
+        lm, tok = _load_model(model, "float32", "cpu")
     for p in lm.parameters():
         p.requires_grad_(True)
     start = snapshot(lm) if len(rows) > 1 and mode == "model" else None
