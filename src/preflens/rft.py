@@ -15,11 +15,11 @@ ratio detached (its gradient term E[grad log pi] is zero in expectation). The pe
 computed one prompt at a time (gradient accumulation with one prompt per micro-batch), so the update
 and the per-prompt gradient norms come from the same backward passes.
 
-Run directory (like `preflens train`): `config.yaml`, `metrics.jsonl` (keys: step, split, phase,
+Run directory (like `preflens train`, through preflens.tracking): `config.yaml`, `metrics.jsonl` (keys: step, split, phase,
 reward/mean, reward/std, frac_small_std, grad_norm, kl, loss, lr), `prompts.parquet` (step, split,
 phase, prompt_id, reward_mean, reward_std, grad_norm), `checkpoints/step-N/` (accelerate save_state:
 model, optimizers, RNG, loop position), `sft/` (the model after the initial SFT phase), `final/`,
-`summary.json`. Single process for now: the per-prompt backward passes bypass DDP's gradient hooks.
+`summary.json`, `tb/` (TensorBoard). Single process for now: the per-prompt backward passes bypass DDP's gradient hooks.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ from preflens.diagnostics.reward_std import (
 from preflens.errors import PreflensError, RunDirError
 from preflens.logprobs import sequence_logps
 from preflens.rewards import Reward, RewardError, score
+from preflens.tracking import RunTracker, checkpoint_dir, latest_checkpoint, prepare_run_dir, write_config
 
 __all__ = ["RFTConfig", "train_rft", "prepare_run_dir", "latest_checkpoint"]
 
@@ -125,70 +124,6 @@ def _next_indices(state: _LoopState, phase: str, pool: list[int], size: int, see
     return out
 
 
-def prepare_run_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing run unless asked: --overwrite deletes it, --resume continues it."""
-    if overwrite and resume:
-        raise RunDirError("--overwrite and --resume exclude each other")
-    if path.exists() and any(path.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise RunDirError(
-                f"{path} exists and is not empty; pass --overwrite to replace it or --resume to continue it"
-            )
-        shutil.rmtree(path)
-    elif resume:
-        raise RunDirError(f"{path}: nothing to resume (no such run directory)")
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """checkpoints/step-N with the largest N, or None."""
-    ckpts = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name[5:])) if ckpts else None
-
-
-class _RunLog:
-    """metrics.jsonl (appended line by line) and prompts.parquet (rewritten atomically on flush)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.prompts_path = run_dir / "prompts.parquet"
-        self.prompt_rows: list[dict[str, Any]] = []
-
-    def truncate(self, step: int) -> None:
-        """On resume: drop what was logged after the checkpoint (it will be recomputed)."""
-        if self.metrics_path.exists():
-            keep = [
-                ln
-                for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step
-            ]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
-        if self.prompts_path.exists():
-            import pandas as pd
-
-            df = pd.read_parquet(self.prompts_path)
-            self.prompt_rows = df[df["step"] <= step].to_dict("records")
-
-    def metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def prompts(self, rows: list[dict[str, Any]]) -> None:
-        self.prompt_rows.extend(rows)
-
-    def flush(self) -> None:
-        import pandas as pd
-
-        tmp = self.prompts_path.with_suffix(".parquet.tmp")
-        df = pd.DataFrame(self.prompt_rows)
-        if "prompt_id" in df:
-            df["prompt_id"] = df["prompt_id"].astype(str)
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.prompts_path)
-
-
 def _sft_batch(
     tokenizer: Any, prompt_ids: list[list[int]], refs: list[str], eos: int | None
 ) -> dict[str, torch.Tensor]:
@@ -210,6 +145,51 @@ def _sft_batch(
         am[i, : len(s)] = 1
         rm[i, st : len(s)] = True
     return {"input_ids": ids, "attention_mask": am, "response_mask": rm}
+
+
+class _Log:
+    """metrics.jsonl (+ TensorBoard) rows and the per-prompt `prompts.parquet` table (preflens.tracking)."""
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        self.tracker.log(row)
+
+    def prompts(self, rows: list[dict[str, Any]]) -> None:
+        # ids as strings: one parquet column type whatever the jsonl held
+        self.tracker.table("prompts").append({**r, "prompt_id": str(r["prompt_id"])} for r in rows)
+
+    def flush(self) -> None:
+        self.tracker.flush()
+
+
+def _accelerator(run_dir: Path) -> Any:
+    """An Accelerator logging to TensorBoard in run_dir/tb when tensorboard is installed.
+
+    Several runs in one Python process (tests, experiments) must not inherit the previous run's
+    accelerate singleton state, so it is reset unless a process group is running.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    return Accelerator(
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tb"), automatic_checkpoint_naming=False
+        ),
+    )
 
 
 def _set_seed(seed: int) -> None:
@@ -245,14 +225,12 @@ def train_rft(
     the end (`final`). A reward that raises/returns garbage stops the run with a `RewardError` naming the
     prompt, after saving the logs and a checkpoint of the last completed step (resume with `resume=True`).
     """
-    from accelerate import Accelerator
-
     _validate(config, rows)
     run_dir = Path(output_dir)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     say = log_fn or (lambda msg: None)
 
-    accelerator = Accelerator()
+    accelerator = _accelerator(run_dir)
     if accelerator.num_processes > 1:
         raise PreflensError("preflens rft runs in a single process (launch it without accelerate/torchrun)")
     if resume is False:
@@ -264,20 +242,22 @@ def train_rft(
     model, opt_sft, opt_rft = accelerator.prepare(model, opt_sft, opt_rft)
     state = _LoopState()
     accelerator.register_for_checkpointing(state)
-    log = _RunLog(run_dir)
+    log = _Log(RunTracker(run_dir, accelerator))
 
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunDirError(f"{run_dir}: no checkpoints/step-N to resume from")
         accelerator.load_state(str(ckpt))
-        log.truncate(state.step)
+        log.tracker.resume_at(state.step, tables=("prompts",))
         say(f"resumed from {ckpt} (step {state.step})")
-    else:
-        import yaml
-
-        cfg = {**asdict(config), **(extra_config or {}), "reward": reward.name, "num_prompts": len(rows)}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cfg = {**asdict(config), **(extra_config or {}), "reward": reward.name, "num_prompts": len(rows)}
+    if not resume:
+        write_config(run_dir, cfg)
+    if accelerator.log_with:
+        accelerator.init_trackers(
+            "preflens-rft", config={k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
+        )
 
     device = accelerator.device
     encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in rows]
@@ -295,7 +275,7 @@ def train_rft(
 
     def save_checkpoint() -> None:
         log.flush()
-        accelerator.save_state(str(run_dir / "checkpoints" / f"step-{state.step}"))
+        accelerator.save_state(str(checkpoint_dir(run_dir, state.step)))
 
     def evaluate(phase: str) -> None:
         res = reward_std_diagnostic(
@@ -427,8 +407,7 @@ def train_rft(
             guarded(lambda: evaluate("final"), "the final evaluation")
         save_checkpoint()
     finally:
-        if log.prompt_rows:
-            log.flush()
+        log.tracker.close()
 
     final_dir = run_dir / "final"
     accelerator.unwrap_model(model).save_pretrained(final_dir)
