@@ -125,18 +125,28 @@ def test_conversational_without_template_is_an_error(tok):
 
 def test_tiny_tokenizer_from_models_covers_synthetic_words_and_composes():
     models_mod = pytest.importorskip("preflens.models")
-    if not hasattr(models_mod, "tiny_model"):
-        pytest.skip("preflens.models.tiny_model not there yet")
-    _, t = models_mod.tiny_model()
+    if hasattr(models_mod, "tiny_tokenizer"):
+        t = models_mod.tiny_tokenizer()
+    elif hasattr(models_mod, "tiny_model"):
+        _, t = models_mod.tiny_model()
+    else:
+        pytest.skip("preflens.models has no tiny tokenizer yet")
     unk = t.unk_token_id
     ids = t(" ".join(SYNTHETIC_VOCAB), add_special_tokens=False)["input_ids"]
-    assert unk is None or unk not in ids
+    assert len(ids) == len(SYNTHETIC_VOCAB) and (unk is None or unk not in ids)
     pairs, _ = load_pairs(CONV_ROWS)
     (it,), _ = tokenize_pairs(pairs, t)
     full = t.apply_chat_template(CONV_ROWS[0]["prompt"] + CONV_ROWS[0]["chosen"], tokenize=True)
     full = full["input_ids"] if hasattr(full, "keys") else full
     n = len(it.prompt_ids) + len(it.chosen_ids)
     assert full[:n] == it.prompt_ids + it.chosen_ids and it.chosen_ids[-1] == t.eos_token_id
+    # the shared_tokens knob holds at the token level: exactly k response positions carry the same id
+    from preflens.data.synthetic import sentiment_pairs
+
+    items, _ = tokenize_pairs(load_pairs(sentiment_pairs(20, seed=0, shared_tokens=3))[0], t)
+    for it in items:
+        same = sum(a == b for a, b in zip(it.chosen_ids[:-1], it.rejected_ids[:-1]))
+        assert len(it.chosen_ids) == len(it.rejected_ids) == 9 and same == 3
 
 
 # ------------------------------------------------------------------------------------------ truncation
