@@ -240,7 +240,7 @@ def test_cli_reward_std_writes_parquet_and_summary(tiny, tmp_path, monkeypatch):
     from preflens.commands.reward_std import run_reward_std
 
     model, tok = tiny
-    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name, *a: (model, tok))
     prompts = tmp_path / "prompts.jsonl"
     _write_prompts(prompts, ["say apple", "say banana", "x", "y z"])
     out = tmp_path / "out"
@@ -268,7 +268,7 @@ def test_cli_reward_failure_keeps_partial_results(tiny, tmp_path, monkeypatch):
     from preflens.commands.reward_std import run_reward_std
 
     model, tok = tiny
-    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name, *a: (model, tok))
     (tmp_path / "bad_reward_mod.py").write_text(
         "def reward(prompts, completions):\n"
         "    if any(p == 'boom' for p in prompts):\n"
@@ -302,7 +302,7 @@ def test_cli_main_reward_std_prints_and_flags(tiny, tmp_path, monkeypatch, capsy
     from preflens import cli
 
     model, tok = tiny
-    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name: (model, tok))
+    monkeypatch.setattr("preflens.commands.reward_std._load", lambda name, *a: (model, tok))
     prompts = tmp_path / "prompts.jsonl"
     _write_prompts(prompts, ["say apple", "say banana", "x", "y z", "please", "the word"])
     out = tmp_path / "out"
@@ -319,3 +319,20 @@ def test_cli_main_reward_std_prints_and_flags(tiny, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:  # output exists: refused without --overwrite
         cli.main()
     assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_embedded_model_gram_and_loop_norms_agree():
+    """On the real SmolLM2 (tied embeddings, RMSNorm, chat template) both gradient paths agree."""
+    from preflens.models import load_model
+
+    model, tok = load_model(None)
+    torch.manual_seed(0)
+    prompts = [encode_prompt(tok, "Name a fruit."), encode_prompt(tok, "Say hello.")]
+    s = sample_completions(model, tok, prompts, 3, max_new_tokens=6)
+    w = rloo_weights(torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0]]))
+    loop, lp_loop = policy_gradient_norms(model, s, w, method="loop")
+    gram, lp_gram = policy_gradient_norms(model, s, w, method="gram")
+    torch.testing.assert_close(lp_loop, lp_gram, rtol=1e-4, atol=1e-4)
+    assert float(loop[0]) > 0 and float(loop[1]) == 0.0 == float(gram[1])
+    assert float(gram[0]) == pytest.approx(float(loop[0]), rel=1e-3)

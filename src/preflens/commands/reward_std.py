@@ -18,11 +18,11 @@ import typer
 from preflens.errors import PreflensError, RunDirError
 
 
-def _load(name: str | None) -> tuple[Any, Any]:
+def _load(name: str | None, device: str = "auto", dtype: str = "float32") -> tuple[Any, Any]:
     """Model + tokenizer through preflens.models (None: the embedded SmolLM2)."""
     from preflens.models import load_model
 
-    return load_model(name)
+    return load_model(name, device=device, dtype=dtype)
 
 
 def _write(out: Path, result: Any, summary: dict[str, Any]) -> None:
@@ -59,6 +59,8 @@ def run_reward_std(
     chat_template: bool | None = None,
     grad_norm: bool = True,
     grad_method: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns the summary dict."""
@@ -81,7 +83,7 @@ def run_reward_std(
         )
     rew = get_reward(reward)
     rows = load_prompts(prompts, need_reference=rew.needs_reference)
-    lm, tok = _load(model)
+    lm, tok = _load(model, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     result = RewardStdResult(rows=[], samples=[])
@@ -210,6 +212,8 @@ def register(app: typer.Typer) -> None:
             "--grad-method",
             help="auto | gram (one batched backward) | loop (one backward per prompt)",
         ),
+        device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
+        dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 | auto"),
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
         """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
@@ -229,6 +233,8 @@ def register(app: typer.Typer) -> None:
             chat_template=chat_template,
             grad_norm=grad_norm,
             grad_method=grad_method,
+            device=device,
+            dtype=dtype,
             overwrite=overwrite,
         )
         _print(summary, output_dir)
