@@ -11,9 +11,9 @@ The update, for a batch of P prompts with K samples each (Kool et al. 2019; TRL 
     loss = -1/P sum_p sum_i w_{p,i} log pi(y_{p,i} | x_p),   w = rloo_weights(r')  (see reward_std.py)
 with the KL penalty to the reference (the model at the start of RFT) folded into the reward as in
 Ziegler et al. 2019 / InstructGPT: r'_i = r_i - kl_coef (log pi(y_i|x) - log pi_ref(y_i|x)), the log
-ratio detached (its gradient term E[grad log pi] is zero in expectation). The per-prompt gradients are
-computed one prompt at a time (gradient accumulation with one prompt per micro-batch), so the update
-and the per-prompt gradient norms come from the same backward passes.
+ratio detached (its gradient term E[grad log pi] is zero in expectation). The update and the per-prompt
+gradient norms come from the same backward: one batched backward with Gram hooks (`grad_method=gram`),
+or one backward per prompt (`loop`, gradient accumulation with one prompt per micro-batch).
 
 Run directory (like `preflens train`, through preflens.tracking): `config.yaml`, `metrics.jsonl` (keys: step, split, phase,
 reward/mean, reward/std, frac_small_std, grad_norm, kl, loss, lr), `prompts.parquet` (step, split,

@@ -18,9 +18,11 @@ What we compute, per prompt x with K samples y_1..y_K ~ pi_theta(.|x) and reward
       g = 1/K sum_i (r_i - b_i) grad log pi(y_i|x),   b_i = 1/(K-1) sum_{j != i} r_j,
   and its norm. Since r_i - b_i = K/(K-1) (r_i - mean(r)), g = 0 exactly when all rewards are equal.
 
-The norm is computed with one backward of the surrogate sum_i w_i log pi(y_i|x) (w_i = (r_i - b_i)/K)
-per prompt, i.e. gradient accumulation with one prompt's K samples per micro-batch: the same FLOPs as
-one batched backward, no per-sample gradients, and one extra gradient-sized buffer.
+The norms come either from one backward of the surrogate sum_i w_i log pi(y_i|x) per prompt
+(w_i = (r_i - b_i)/K; gradient accumulation with one prompt per micro-batch), or, by default, from ONE
+batched backward over all prompts with the per-sequence Gram hooks of `preflens.diagnostics.gram`:
+||g_p||^2 is the sum of the prompt's block of the Gram of the weighted per-sample gradients, so no
+per-sample or per-prompt gradient is ever materialised (`policy_gradient_norms`).
 """
 
 from __future__ import annotations
