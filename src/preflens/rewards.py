@@ -225,12 +225,14 @@ class ModelReward(Reward):
     """
 
     def __init__(
-        self, path: str, *, batch_size: int = 16, max_length: int = 1024, device: str = "cpu"
+        self, path: str, *, batch_size: int = 16, max_length: int = 1024, device: str | None = None
     ) -> None:
         if not Path(path).exists():
             raise PreflensError(f"reward model:{path}: no such local directory (only local paths are loaded)")
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
