@@ -123,19 +123,36 @@ def _module_kind(m: nn.Module) -> str | None:
 class _Outer:
     """G_s = sum over rows r of sequence s of a_r b_r^T (shape [p, q]).
 
-    `a` is [M, p] (dense) or, when `ids` is set, the one-hot rows of `ids` [M] over p = `p` columns.
-    `seg` [M] is the sequence of each row.
+    Flat form: `a` [M, p] (dense) or, when `ids` is set, the one-hot rows of `ids` [M] over p
+    columns; `b` [M, q]; `seg` [M] the sequence of each row. Grid form (a dense part of a call on the
+    [N, T, .] token grid): `grid` = (a [N, T, p], b [N, T, q]) uncopied, where rows outside `active`
+    carry a zero output-gradient; the materialized form uses it as is, the ghost form selects rows.
     """
 
     a: Tensor | None
     ids: Tensor | None
-    b: Tensor
-    seg: Tensor
+    b: Tensor | None
+    seg: Tensor | None
     p: int
+    q: int
+    rows: int
+    grid: tuple[Tensor, Tensor] | None = None
+    active: Tensor | None = None
 
-    @property
-    def rows(self) -> int:
-        return self.b.shape[0]
+    def flat(self, dtype: torch.dtype) -> _Outer:
+        if self.grid is None:
+            return self
+        a, b = self.grid
+        act = self.active
+        return _Outer(
+            a=a[act].to(dtype),  # type: ignore[index]
+            ids=None,
+            b=b[act].to(dtype),  # type: ignore[index]
+            seg=act.nonzero(as_tuple=True)[0],  # type: ignore[union-attr]
+            p=self.p,
+            q=self.q,
+            rows=self.rows,
+        )
 
 
 @dataclass
@@ -164,24 +181,27 @@ class _ParamState:
 # Gram of one parameter from its parts
 
 
-def _concat(parts: list[_Outer]) -> _Outer:
+def _concat(parts: list[_Outer], dtype: torch.dtype) -> _Outer:
     if len(parts) == 1:
         return parts[0]
+    parts = [p.flat(dtype) for p in parts]
     onehot = parts[0].ids is not None
     return _Outer(
         a=None if onehot else torch.cat([p.a for p in parts]),  # type: ignore[misc]
         ids=torch.cat([p.ids for p in parts]) if onehot else None,  # type: ignore[misc]
-        b=torch.cat([p.b for p in parts]),
-        seg=torch.cat([p.seg for p in parts]),
+        b=torch.cat([p.b for p in parts]),  # type: ignore[misc]
+        seg=torch.cat([p.seg for p in parts]),  # type: ignore[misc]
         p=parts[0].p,
+        q=parts[0].q,
+        rows=sum(p.rows for p in parts),
     )
 
 
-def _group(outers: list[_Outer]) -> list[_Outer]:
+def _group(outers: list[_Outer], dtype: torch.dtype) -> list[_Outer]:
     """Merge parts of the same form (dense / one-hot): their rows simply add up per sequence."""
     dense = [o for o in outers if o.ids is None]
     hot = [o for o in outers if o.ids is not None]
-    return [_concat(g) for g in (dense, hot) if g]
+    return [_concat(g, dtype) for g in (dense, hot) if g]
 
 
 def _ghost_cost(groups: list[_Outer], q: int) -> float:
@@ -207,13 +227,14 @@ def _seg_reduce(block: Tensor, seg_r: Tensor, seg_c: Tensor, n: int) -> Tensor:
 
 def _ghost(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
     """sum_{k,l} sum_{i in k, j in l} <a_i, a_j> <b_i, b_j>, reduced by sequence (all pairs s, t)."""
-    out = torch.zeros(n, n, dtype=dtype, device=groups[0].b.device)
+    groups = [g.flat(dtype) for g in groups]
+    out = torch.zeros(n, n, dtype=dtype, device=groups[0].b.device)  # type: ignore[union-attr]
     for k in groups:
         for m in groups:
             step = max(1, _BLOCK_ELEMS // max(1, m.rows))
             for r0 in range(0, k.rows, step):
                 r1 = min(k.rows, r0 + step)
-                bb = k.b[r0:r1] @ m.b.T
+                bb = k.b[r0:r1] @ m.b.T  # type: ignore[index,union-attr]
                 if k.ids is None and m.ids is None:
                     aa = k.a[r0:r1] @ m.a.T  # type: ignore[index,union-attr]
                 elif k.ids is not None and m.ids is not None:
@@ -222,60 +243,55 @@ def _ghost(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
                     aa = m.a[:, k.ids[r0:r1]].T  # type: ignore[index]
                 else:
                     aa = k.a[r0:r1][:, m.ids]  # type: ignore[index]
-                out += _seg_reduce(aa * bb, k.seg[r0:r1], m.seg, n)
+                out += _seg_reduce(aa * bb, k.seg[r0:r1], m.seg, n)  # type: ignore[index,arg-type]
     return out
 
 
-def _padded(o: _Outer, n: int) -> tuple[Tensor, Tensor]:
-    """(row position within its sequence, longest sequence) for scattering rows into [N, L, .]."""
-    order_ok = bool((o.seg[1:] >= o.seg[:-1]).all()) if o.rows > 1 else True
-    if not order_ok:
-        raise AssertionError("rows must be grouped by sequence")
-    counts = torch.bincount(o.seg, minlength=n)
+def _pad(o: _Outer, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A dense part as [N, L, p], [N, L, q] tensors (rows of a sequence stacked, zeros after)."""
+    if o.grid is not None:
+        a, b = o.grid
+        cols = o.active.any(0).nonzero()  # type: ignore[union-attr]
+        t = int(cols.max()) + 1 if cols.numel() else 0  # later positions carry no gradient
+        return a[:, :t].to(dtype), b[:, :t].to(dtype)
+    seg = o.seg
+    if o.rows > 1 and not bool((seg[1:] >= seg[:-1]).all()):  # type: ignore[index]
+        idx = torch.argsort(seg, stable=True)  # type: ignore[arg-type]
+        o = _Outer(a=o.a[idx], ids=None, b=o.b[idx], seg=seg[idx], p=o.p, q=o.q, rows=o.rows)  # type: ignore[index]
+        seg = o.seg
+    counts = torch.bincount(seg, minlength=n)  # type: ignore[arg-type]
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(o.rows, device=o.seg.device) - starts[o.seg]
-    return pos, int(counts.max()) if o.rows else 0
-
-
-def _sorted(o: _Outer) -> _Outer:
-    if o.rows > 1 and not bool((o.seg[1:] >= o.seg[:-1]).all()):
-        idx = torch.argsort(o.seg, stable=True)
-        return _Outer(
-            a=None if o.a is None else o.a[idx],
-            ids=None if o.ids is None else o.ids[idx],
-            b=o.b[idx],
-            seg=o.seg[idx],
-            p=o.p,
-        )
-    return o
+    pos = torch.arange(o.rows, device=seg.device) - starts[seg]  # type: ignore[union-attr,index]
+    longest = int(counts.max()) if o.rows else 0
+    a_pad = o.b.new_zeros(n, longest, o.p, dtype=dtype).index_put_((seg, pos), o.a.to(dtype))  # type: ignore[union-attr,arg-type]
+    b_pad = o.b.new_zeros(n, longest, o.q, dtype=dtype).index_put_((seg, pos), o.b.to(dtype))  # type: ignore[union-attr,arg-type]
+    return a_pad, b_pad
 
 
 def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
     """Build the per-sequence gradients [N, p, q] in slices of p rows and accumulate their Gram."""
-    p, q = groups[0].p, groups[0].b.shape[1]
-    dev = groups[0].b.device
+    p, q = groups[0].p, groups[0].q
+    hot = [g.flat(dtype) for g in groups if g.ids is not None]
+    padded = [_pad(g, n, dtype) for g in groups if g.ids is None]
+    dev = (padded[0][0] if padded else hot[0].b).device  # type: ignore[union-attr]
     out = torch.zeros(n, n, dtype=dtype, device=dev)
-    dense = [_sorted(g) for g in groups if g.ids is None]
-    hot = [g for g in groups if g.ids is not None]
-    padded = []
-    for g in dense:
-        pos, longest = _padded(g, n)
-        a_pad = g.b.new_zeros(n, longest, p).index_put_((g.seg, pos), g.a)  # type: ignore[arg-type]
-        b_pad = g.b.new_zeros(n, longest, q).index_put_((g.seg, pos), g.b)
-        padded.append((a_pad, b_pad))
     step = max(1, _BLOCK_ELEMS // max(1, n * q))
     for c0 in range(0, p, step):
         c1 = min(p, c0 + step)
-        gc = torch.zeros(n, c1 - c0, q, dtype=dtype, device=dev)
-        for a_pad, b_pad in padded:
-            gc += torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad)
+        if padded:
+            a_pad, b_pad = padded[0]
+            gc = torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad)
+            for a_pad, b_pad in padded[1:]:
+                gc += torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad)
+        else:
+            gc = torch.zeros(n, c1 - c0, q, dtype=dtype, device=dev)
         for g in hot:
             ids = g.ids
             sel = (ids >= c0) & (ids < c1)  # type: ignore[operator]
             if bool(sel.any()):
                 flat = g.seg[sel] * (c1 - c0) + (ids[sel] - c0)  # type: ignore[index]
-                gc.view(n * (c1 - c0), q).index_add_(0, flat, g.b[sel])
-        flat_g = gc.view(n, -1)
+                gc.view(n * (c1 - c0), q).index_add_(0, flat, g.b[sel].to(dtype))  # type: ignore[index]
+        flat_g = gc.reshape(n, -1)
         out += flat_g @ flat_g.T
     return out
 
@@ -288,8 +304,8 @@ def _param_gram(st: _ParamState, n: int, strategy: Strategy, dtype: torch.dtype)
         )
     if st.vector is not None:
         return st.vector @ st.vector.T
-    groups = _group(st.outers)
-    q = groups[0].b.shape[1]
+    groups = _group(st.outers, dtype)
+    q = groups[0].q
     if strategy == "ghost":
         use_ghost = True
     elif strategy == "materialize":
@@ -377,6 +393,7 @@ class GramCapture:
         # A causal LM's position i receives gradient only if i < last response position.
         self.active = (pos[None, :] < last[:, None]) & attention_mask.bool()
         self.grid_seg = self.active.nonzero(as_tuple=True)[0]
+        self.n_active = int(self.grid_seg.shape[0])
         self.flat_seg = _flat_rows(rm)
         self.selected = _select_params(model, params)
         self.states = {pid: _ParamState(name, p) for pid, (name, p) in self.selected.items()}
@@ -532,33 +549,38 @@ class GramCapture:
             return t[self.active], self.grid_seg
         return t, call.seg
 
+    def _segsum(self, call: _Call, t: Tensor) -> Tensor:
+        """Per-sequence sum of rows [N, d] (grid calls: inactive rows hold zero gradient)."""
+        if call.seg is None:
+            return t.sum(1, dtype=self.dtype)
+        return t.new_zeros(self.n, t.shape[-1], dtype=self.dtype).index_add_(0, call.seg, t.to(self.dtype))
+
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
         if call.done:  # a tensor hook can fire again if the graph is reused (retain_graph)
             return
         call.done = True
         dt = self.dtype
-        d, seg = self._rows(call, grad)
-        d = d.to(dt)
         if call.kind in ("linear", "conv1d"):
-            x, _ = self._rows(call, call.x)
-            x = x.to(dt)
             for _name, p in call.params:
                 st = self.states[id(p)]
                 if p is call.module.weight:
-                    a, b = (d, x) if call.kind == "linear" else (x, d)
-                    st.outers.append(_Outer(a=a, ids=None, b=b, seg=seg, p=a.shape[1]))
+                    a, b = (grad, call.x) if call.kind == "linear" else (call.x, grad)
+                    st.outers.append(self._dense_part(call, a, b))
                 else:  # bias
-                    self._add_vector(st, d.new_zeros(self.n, d.shape[1]).index_add_(0, seg, d))
+                    self._add_vector(st, self._segsum(call, grad))
         elif call.kind == "embedding":
-            ids, _ = self._rows(call, call.x)
+            ids, seg = self._rows(call, call.x)
+            d, _ = self._rows(call, grad)
             pad = call.module.padding_idx  # type: ignore[union-attr]
             if pad is not None:  # torch gives the padding row no gradient
                 keep = ids != pad
                 ids, d, seg = ids[keep], d[keep], seg[keep]
             name, p = call.params[0]
-            self.states[id(p)].outers.append(_Outer(a=None, ids=ids, b=d, seg=seg, p=p.shape[0]))
+            self.states[id(p)].outers.append(
+                _Outer(a=None, ids=ids, b=d.to(dt), seg=seg, p=p.shape[0], q=d.shape[-1], rows=ids.shape[0])
+            )
         elif call.kind == "norm":
-            self._norm_parts(call, d, seg)
+            self._norm_parts(call, grad)
         for _, p in call.params:
             st = self.states[id(p)]
             st.pending -= 1
@@ -566,17 +588,35 @@ class GramCapture:
                 self._flush(st)
         call.x = call.y = None  # type: ignore[assignment]
 
+    def _dense_part(self, call: _Call, a: Tensor, b: Tensor) -> _Outer:
+        p, q = a.shape[-1], b.shape[-1]
+        if call.seg is None:
+            return _Outer(
+                a=None,
+                ids=None,
+                b=None,
+                seg=None,
+                p=p,
+                q=q,
+                rows=self.n_active,
+                grid=(a, b),
+                active=self.active,
+            )
+        return _Outer(
+            a=a.to(self.dtype), ids=None, b=b.to(self.dtype), seg=call.seg, p=p, q=q, rows=a.shape[0]
+        )
+
     def _add_vector(self, st: _ParamState, v: Tensor) -> None:
         st.vector = v if st.vector is None else st.vector + v
 
-    def _norm_parts(self, call: _Call, d: Tensor, seg: Tensor) -> None:
+    def _norm_parts(self, call: _Call, d: Tensor) -> None:
         """Elementwise-affine norm y = c(x) + w * n(x) (+ b): per-sequence grads sum_t dy*n and sum_t dy.
 
         n(x) is obtained without knowing the norm's formula: n = f(x; w=1, b=0) - f(x; w=0, b=0)
         (this also covers Gemma's (1 + w) scaling). That y is affine in w is verified on the first call.
         """
         m = call.module
-        x, _ = self._rows(call, call.x)
+        x = call.x
         w = m.weight
         bias = getattr(m, "bias", None)
         pdict = {"weight": torch.ones_like(w)}
@@ -590,10 +630,10 @@ class GramCapture:
                 f1 = torch.func.functional_call(m, pdict, (x,))
                 f0 = torch.func.functional_call(m, zdict, (x,))
                 if id(m) not in self._verified_norms:
-                    y, _ = self._rows(call, call.y)  # type: ignore[arg-type]
+                    y = call.y
                     rebuilt = f0 + (f1 - f0) * w + (bias if isinstance(bias, torch.Tensor) else 0)
-                    tol = 1e-2 if y.dtype in (torch.float16, torch.bfloat16) else 1e-4
-                    if not torch.allclose(rebuilt.float(), y.float(), rtol=tol, atol=tol):
+                    tol = 1e-2 if y.dtype in (torch.float16, torch.bfloat16) else 1e-4  # type: ignore[union-attr]
+                    if not torch.allclose(rebuilt.float(), y.float(), rtol=tol, atol=tol):  # type: ignore[union-attr]
                         raise GramError(
                             f"{type(m).__name__}: output is not elementwise-affine in its weight "
                             "(y = c(x) + w * n(x) + b); its per-sequence gradient is not supported"
@@ -601,11 +641,11 @@ class GramCapture:
                     self._verified_norms.add(id(m))
         finally:
             self._busy = False
-        nx = (f1 - f0).to(self.dtype)
+        nx = f1 - f0
         for _, p in call.params:
             st = self.states[id(p)]
-            contrib = d * nx if p is w else d
-            self._add_vector(st, contrib.new_zeros(self.n, contrib.shape[1]).index_add_(0, seg, contrib))
+            contrib = d.to(self.dtype) * nx.to(self.dtype) if p is w else d
+            self._add_vector(st, self._segsum(call, contrib))
 
     def _flush(self, st: _ParamState) -> None:
         if st.vector is None and not st.outers:
