@@ -37,6 +37,7 @@ __all__ = [
     "sync_fn",
     "time_fn",
     "time_interleaved",
+    "trim_heap",
 ]
 
 
@@ -126,10 +127,21 @@ class MemoryPeak:
     """CUDA only: peak reserved by the caching allocator (absolute)."""
 
 
-def _rss_peak(fn: Callable[[], Any]) -> tuple[MemoryPeak, Any]:
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc `malloc_trim`), so memory a previous
+    measurement freed but the allocator kept does not absorb (hide) the next measurement's peak."""
+    import ctypes
     import gc
 
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_peak(fn: Callable[[], Any]) -> tuple[MemoryPeak, Any]:
+    trim_heap()
     if _reset_hwm():
         base = (_status_kb("VmRSS") or 0) * 1024
         result = fn()

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
 import random
@@ -53,6 +51,7 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     sync_fn,
+    trim_heap,
 )
 
 BETA = 0.1
@@ -206,11 +205,7 @@ class RunResult:
 
 def _trim() -> None:
     """Return freed heap to the OS so one run's garbage does not hide the next run's peak."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    trim_heap()
 
 
 class StepMeter:
