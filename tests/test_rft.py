@@ -98,7 +98,8 @@ def test_rft_raises_mean_reward_on_say_the_word(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     import pandas as pd
 
-    cfg = RFTConfig(steps=4, save_every=2, k=4, prompts_per_step=2, lr=1e-2, max_new_tokens=3)
+    # with a KL penalty, so the resumed run must also find the original reference model
+    cfg = RFTConfig(steps=4, save_every=2, k=4, prompts_per_step=2, lr=1e-2, max_new_tokens=3, kl_coef=0.1)
     model, tok = make_tiny()
     train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "a")
     # simulate a crash after step 2: copy the run and drop everything the last checkpoint does not cover
@@ -213,7 +214,7 @@ def test_kl_penalty_starts_at_zero(tmp_path):
     kl = [r["kl"] for r in _metrics(tmp_path / "run") if r["split"] == "train"]
     assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference at step 1
     assert abs(kl[-1]) > 1e-4
-    assert (tmp_path / "run" / "reference" / "config.json").exists()
+    assert (tmp_path / "run" / "reference_model.pt").exists()
 
 
 def test_cli_defaults_match_config():

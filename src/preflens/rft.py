@@ -417,25 +417,27 @@ def train_rft(
     return summary
 
 
+REFERENCE_FILE = "reference_model.pt"
+
+
 def _reference_model(
     model: nn.Module, accelerator: Any, run_dir: Path, config: RFTConfig, state: _LoopState
 ) -> nn.Module:
-    """The KL reference: the model when RFT starts.
+    """The KL reference: a frozen copy of the model when RFT starts (after the initial SFT, if any).
 
-    With an initial SFT phase that is the post-SFT model, saved in `sft/`. Without one it is the
-    initial model: on a fresh run a frozen copy of the model now, also saved in `reference/` so that a
-    resumed run (whose weights came from a checkpoint) finds the same reference.
+    Its weights are also saved in `reference_model.pt` (a plain state dict, so this works for any
+    module: full models, peft adapters, tied embeddings) so that a run resumed after RFT started,
+    whose weights came from a checkpoint, finds the same reference.
     """
-    base = accelerator.unwrap_model(model)
-    if config.initial_sft:
-        return type(base).from_pretrained(run_dir / "sft")
-    ref_dir = run_dir / "reference"
-    if state.step > 0:
-        if not ref_dir.exists():
-            raise RunDirError(f"{ref_dir}: the KL reference model of this run is missing; cannot resume")
-        return type(base).from_pretrained(ref_dir)
-    base.save_pretrained(ref_dir)
-    return copy.deepcopy(base)
+    ref = copy.deepcopy(accelerator.unwrap_model(model))
+    path = run_dir / REFERENCE_FILE
+    if state.step > config.initial_sft:
+        if not path.exists():
+            raise RunDirError(f"{path}: the KL reference model of this run is missing; cannot resume")
+        ref.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        torch.save({k: v.detach().cpu() for k, v in ref.state_dict().items()}, path)
+    return ref
 
 
 def _validate(config: RFTConfig, rows: list[PromptRow]) -> None:
