@@ -166,6 +166,9 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Extra tracker: tensorboard (in <output_dir>/tb) or none.")
     probe_every: int = _opt(0, "Gradient-entanglement probes every N steps (0: off).")
     probe_pairs: int = _opt(8, "Pairs in the fixed probe set.")
+    step_entanglement: bool = _opt(
+        False, "Log entanglement statistics of every training batch from the step's own backward."
+    )
     progress: bool = _opt(True, "Show a progress bar.")
 
     @classmethod
@@ -480,6 +483,12 @@ class Trainer:
         self.loss_kwargs = resolve_loss_kwargs(config)
         self._model_in, self._tokenizer_in = model, tokenizer
         self.callbacks = list(callbacks)
+        if config.probe_every or config.step_entanglement:  # gradient probes (preflens.probes)
+            from preflens.probes import ProbeCallback
+
+            self.callbacks.append(
+                ProbeCallback(config.probe_every, config.probe_pairs, config.step_entanglement)
+            )
         self.state = TrainerState()
         self.run_dir = Path(str(config.output_dir))
         self._say = log_fn
@@ -545,9 +554,8 @@ class Trainer:
                 f"{self.run_dir}: not visible from process {acc.process_index} (a shared filesystem is needed)"
             )
 
-    def _load_data(self) -> None:
-        """Read, validate, tokenize; hold out the eval split; write data_report.json."""
-        from preflens.data.collate import tokenize_pairs
+    def _read_pairs(self) -> None:
+        """Read and validate the rows first: a bad file fails before a large model is loaded."""
         from preflens.data.formats import load_pairs
 
         cfg = self.config
@@ -557,6 +565,19 @@ class Trainer:
             rejected_field=cfg.rejected_field,
             on_invalid=cfg.on_invalid,
         )
+        self._reports: dict[str, Any] = {}
+        self._pairs, rep = load_pairs(cfg.data, split=cfg.data_split, **read)
+        self._reports["train/load"] = rep.to_dict()
+        self._eval_pairs = None
+        if cfg.eval_data:
+            self._eval_pairs, erep = load_pairs(cfg.eval_data, split=cfg.eval_split, **read)
+            self._reports["eval/load"] = erep.to_dict()
+
+    def _load_data(self) -> None:
+        """Tokenize; hold out the eval split; check the batch size against the data."""
+        from preflens.data.collate import tokenize_pairs
+
+        cfg = self.config
         tok_kw = dict(
             max_length=cfg.max_length,
             max_prompt_length=cfg.max_prompt_length,
@@ -564,15 +585,11 @@ class Trainer:
             on_too_long=cfg.on_too_long,
             chat_template=cfg.chat_template,
         )
-        reports: dict[str, Any] = {}
-        pairs, rep = load_pairs(cfg.data, split=cfg.data_split, **read)
-        reports["train/load"] = rep.to_dict()
-        items, trep = tokenize_pairs(pairs, self.tokenizer, **tok_kw)
+        reports = self._reports
+        items, trep = tokenize_pairs(self._pairs, self.tokenizer, **tok_kw)
         reports["train/tokenize"] = trep.to_dict()
-        if cfg.eval_data:
-            epairs, erep = load_pairs(cfg.eval_data, split=cfg.eval_split, **read)
-            reports["eval/load"] = erep.to_dict()
-            eval_items, etrep = tokenize_pairs(epairs, self.tokenizer, **tok_kw)
+        if self._eval_pairs is not None:
+            eval_items, etrep = tokenize_pairs(self._eval_pairs, self.tokenizer, **tok_kw)
             reports["eval/tokenize"] = etrep.to_dict()
             train_items = items
         elif cfg.eval_fraction > 0 and len(items) >= 2:
@@ -623,8 +640,12 @@ class Trainer:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # as TRL does; padded positions are masked anyway
         torch.manual_seed(cfg.seed)  # LoRA init and the learned mask head
+        # With fresh adapters (B = 0) the reference is the base model: computed with the adapters off.
+        # A model that arrives with adapters (a saved run's final/) is its own reference, as is.
+        self._fresh_lora = False
         if cfg.lora_rank > 0 and not _is_peft(model):
             model = _apply_lora(model, cfg)
+            self._fresh_lora = True
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "config"):
@@ -661,7 +682,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         out: dict[int, dict[str, Any]] = {}
-        ctx = model.disable_adapter() if (reference and _is_peft(model)) else contextlib.nullcontext()
+        ctx = model.disable_adapter() if (reference and self._fresh_lora) else contextlib.nullcontext()
         want_tokens = self.needs_tokens
         try:
             with torch.no_grad(), ctx, self.accelerator.autocast():
@@ -829,14 +850,45 @@ class Trainer:
             raise PreflensError(f"loss '{self.config.loss}' returned shape {tuple(loss.shape)}, expected [B]")
         return _Scored(pair=pair, loss=loss.to(torch.float32), seq=seq)
 
+    def _margin_weights(self, loss_fn: Any, p: Any) -> tuple[Any, Any]:
+        """d_w = -dl/d chosen, d_l = dl/d rejected (seed 000, Sec. 3) by autograd on PairLogps.
+
+        Token-level losses read per-token log-probs, not the sums: their weight on response token t is
+        dl/d l_t, and the sequence-level weight reported is its mean over the response tokens (for
+        sparse PO with every token masked in, exactly DPO's beta sigma(-beta m)).
+        """
+        import torch
+
+        from preflens.losses import margin_weights
+
+        if not self.needs_tokens:
+            return margin_weights(loss_fn, p)
+        with torch.enable_grad():
+            tw = p.chosen_tokens.detach().double().requires_grad_(True)
+            tl = p.rejected_tokens.detach().double().requires_grad_(True)
+            detached = {
+                f.name: getattr(p, f.name).detach()
+                for f in fields(p)
+                if isinstance(getattr(p, f.name), torch.Tensor)
+            }
+            detached = {k: (v.double() if v.is_floating_point() else v) for k, v in detached.items()}
+            q = p.replace(**{**detached, "chosen_tokens": tw, "rejected_tokens": tl})
+            gw, gl = torch.autograd.grad(loss_fn(q).sum(), (tw, tl), allow_unused=True)
+        mw, ml = p.chosen_mask.double(), p.rejected_mask.double()
+        gw = torch.zeros_like(tw) if gw is None else gw
+        gl = torch.zeros_like(tl) if gl is None else gl
+        d_w = -(gw * mw).sum(-1) / mw.sum(-1).clamp(min=1)
+        d_l = (gl * ml).sum(-1) / ml.sum(-1).clamp(min=1)
+        return d_w.to(p.chosen.dtype), d_l.to(p.chosen.dtype)
+
     def _pair_stats(self, scored: _Scored, pair_ids: Any, tokens: Any) -> Any:
         """[B, len(_STAT_COLS)] per-pair numbers of this process's micro-batch (detached, float64)."""
         import torch
 
-        from preflens.losses import get_loss, margin_weights
+        from preflens.losses import get_loss
 
         p = scored.pair
-        d_w, d_l = margin_weights(self.loss_fn, p)
+        d_w, d_l = self._margin_weights(self.loss_fn, p)
         if self.needs_grad_norms:  # the surrogate's value is not a likelihood: log DPO's beside it
             loss_dpo = get_loss("dpo", beta=self.loss_kwargs.get("beta", 0.1))(p).detach()
         else:
@@ -961,7 +1013,7 @@ class Trainer:
         """Per-pair eval columns, with the loss and margin weights of the configured loss."""
         import torch
 
-        from preflens.losses import PairLogps, get_loss, margin_weights
+        from preflens.losses import PairLogps, get_loss
 
         ids = sorted(rows)
         ref = self.reference[split]
@@ -985,7 +1037,7 @@ class Trainer:
             loss_fn = get_loss("dpo", beta=self.loss_kwargs.get("beta", 0.1))
         with torch.no_grad():
             loss = loss_fn(p).double()
-        d_w, d_l = margin_weights(loss_fn, p)
+        d_w, d_l = self._margin_weights(loss_fn, p)
         nan = torch.full_like(p.chosen, float("nan"))
         return {
             "pair_id": torch.tensor(ids, dtype=torch.float64),
@@ -1136,6 +1188,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.loss_fn = get_loss(cfg.loss, **self.loss_kwargs)
         self._loss_defaults = loss_hparams(cfg.loss)
+        self._read_pairs()
         self._build_model()
         self._load_data()
         low = cfg.dtype != "float32" or cfg.mixed_precision != "no"
@@ -1143,8 +1196,13 @@ class Trainer:
 
         dataset = PairDataset(self.train_items)
         self.sampler = PairBatchSampler(dataset.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        # Its own generator: a DataLoader draws a base seed from the global RNG each time an iterator is
+        # made, which would shift dropout's random stream on resume.
         loader = DataLoader(
-            dataset, batch_sampler=self.sampler, collate_fn=PairCollator(self.tokenizer.pad_token_id)
+            dataset,
+            batch_sampler=self.sampler,
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         batches_per_epoch = len(self.sampler)
         steps = cfg.steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
