@@ -336,3 +336,27 @@ def test_embedded_model_gram_and_loop_norms_agree():
     torch.testing.assert_close(lp_loop, lp_gram, rtol=1e-4, atol=1e-4)
     assert float(loop[0]) > 0 and float(loop[1]) == 0.0 == float(gram[1])
     assert float(gram[0]) == pytest.approx(float(loop[0]), rel=1e-3)
+
+
+def test_preflens_tiny_model_chat_template_and_tied_embeddings():
+    """The ChatML path (prompt through the template, EOS = <|im_end|>) and tied input/output embeddings."""
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(tie_word_embeddings=True, seed=3)
+    ids = encode_prompt(tok, "say yes")
+    text = tok.decode(ids)
+    assert "<|im_start|>" in text and "say yes" in text and text.rstrip().endswith("assistant")
+    torch.manual_seed(0)
+    s = sample_completions(model, tok, [ids], 4, max_new_tokens=4)
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.5]])
+    w = rloo_weights(rewards)
+    loop, _ = policy_gradient_norms(model, s, w, method="loop")
+    gram, _ = policy_gradient_norms(model, s, w, method="gram")
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = 0.0
+    for i in range(4):
+        seq = s.input_ids[i, : int(s.attention_mask[i].sum())].tolist()
+        total = total + w[0, i] * _explicit_logp(model, seq, len(ids))
+    want = math.sqrt(sum(float((g**2).sum()) for g in torch.autograd.grad(total, params)))
+    assert float(loop[0]) == pytest.approx(want, rel=1e-4)
+    assert float(gram[0]) == pytest.approx(want, rel=1e-4)
