@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from preflens.diagnostics.entanglement import entanglement_from_gram, pair_entanglement, token_entanglement
@@ -9,6 +12,15 @@ from preflens.diagnostics.gram import sequence_gram
 from preflens.logprobs import sequence_logps
 from preflens.losses import PairLogps, get_loss
 from test_gram import V, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run fastest on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def shared_prefix_pairs(b: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -119,3 +131,78 @@ def test_normalized_loss_runs_through_pair_entanglement() -> None:
     # first-order guarantee of normalized PO: no pair violates either condition
     assert not bool(st.cond1_violated.any()) and not bool(st.cond2_violated.any())
     assert not any(bool(t.requires_grad) for t in (st.d_w, st.d_l))
+
+
+# ------------------------------------------------------------------------------------------------
+# in-training probes (preflens.probes)
+
+
+def test_probe_runner_observed_changes_and_restores_mode() -> None:
+    from preflens.probes import ProbeRunner
+
+    model = tiny_llama(seed=5)
+    model.train()
+    batch = shared_prefix_pairs(b=4)
+    lp = logps(model, batch)
+    runner = ProbeRunner(model, batch, get_loss("dpo"), (lp[:4] - 0.1, lp[4:] + 0.1))
+    rows0, agg0 = runner.run(0, lr=0.01)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert len(rows0) == 4 and rows0[1]["pair_id"] == 1 and math.isnan(rows0[0]["obs_delta_chosen"])
+    assert 0.0 <= agg0["probe/frac_cond1_violated"] <= 1.0 and -1 <= agg0["probe/cosine"] <= 1
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(1e-3 * torch.randn_like(q))
+    lp1 = logps(model, batch)
+    rows1, agg1 = runner.run(3, lr=0.01)
+    for i, r in enumerate(rows1):
+        assert r["obs_steps"] == 3
+        assert abs(r["obs_delta_chosen"] - float(lp1[i] - lp[i])) < 1e-4
+        assert abs(r["obs_delta_rejected"] - float(lp1[4 + i] - lp[4 + i])) < 1e-4
+        assert r["pred_at_prev_chosen"] == pytest.approx(3 * rows0[i]["batch_pred_delta_chosen"])
+    assert agg1["probe/frac_chosen_fell"] == pytest.approx(float((lp1[:4] < lp[:4]).float().mean()))
+
+
+def test_trainer_writes_probes_and_step_entanglement(tmp_path) -> None:
+    import json
+
+    import pandas as pd
+
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.models import tiny_model
+    from preflens.train import TrainConfig, train
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(16, seed=0, response_length=4)))
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    cfg = TrainConfig(
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        report_to="none",
+        progress=False,
+        eval_fraction=0.25,
+        probe_every=2,
+        probe_pairs=3,
+        step_entanglement=True,
+    )
+    run = train(cfg, model=model, tokenizer=tok)
+    probes = pd.read_parquet(run / "probes.parquet")
+    assert sorted(probes["step"].unique().tolist()) == [0, 2, 4]
+    assert (probes.groupby("step").size() == 3).all()
+    for col in ("pair_id", "chosen", "inner", "norm_w", "cosine", "d_w", "d_l", "pred_delta_chosen",
+                "cond1_violated", "obs_delta_chosen", "imbalance_log_ratio"):  # fmt: skip
+        assert col in probes.columns, col
+    s2 = probes[probes.step == 2].set_index("pair_id")
+    s0 = probes[probes.step == 0].set_index("pair_id")
+    assert ((s2["chosen"] - s0["chosen"]) - s2["obs_delta_chosen"]).abs().max() < 1e-5
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    probe_rows = [r for r in rows if r["split"] == "probe"]
+    assert [r["step"] for r in probe_rows] == [0, 2, 4]
+    assert "probe/frac_cond1_violated" in probe_rows[0] and "probe/cosine" in probe_rows[0]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert all(-1.0 <= r["entanglement/cosine"] <= 1.0 for r in train_rows)
+    assert all(0.0 <= r["entanglement/frac_cond1_violated"] <= 1.0 for r in train_rows)

@@ -74,6 +74,10 @@ __all__ = [
 
 Strategy = Literal["auto", "ghost", "materialize"]
 
+# >0 while `sequence_gram` runs its own forward/backward: a `StepGramCapture` around a training
+# step then ignores that pass (e.g. the gradient norms of the `normalized` loss inside the step).
+_STANDALONE = [0]
+
 # Largest intermediate (elements) built at once: ghost [rows_s, rows_t] blocks and materialized
 # [N, chunk, q] per-sequence gradient slices. 2^24 fp32 elements = 64 MiB.
 _BLOCK_ELEMS = 1 << 24
@@ -478,6 +482,8 @@ class GramCapture:
     ) -> None:
         if self._busy or self._in_backward() or not torch.is_grad_enabled():
             return
+        if not self.use_anchor and _STANDALONE[0] > 0:  # a sequence_gram pass inside a training step
+            return
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             raise GramError(f"{type(module).__name__}: expected a tensor positional input and output")
         x = args[0]
@@ -683,16 +689,20 @@ def sequence_gram_and_logps(
     cap = GramCapture(
         model, attention_mask, rm, params, strategy=strategy, compute_dtype=compute_dtype, anchor=True
     )
-    with torch.enable_grad(), cap:
-        logps = sequence_logps(model, input_ids, attention_mask, rm).logps
-        if not rm.any():
-            return torch.zeros(cap.n, cap.n, dtype=compute_dtype), logps.detach()
-        cap.check_graph(logps)
-        if cap.anchor is None:
-            raise GramError("the input-embedding hook did not run: cannot drive the backward")
-        # Activation-only backward: asking for the anchor's gradient makes autograd skip every
-        # weight gradient (they are what the hooks replace).
-        torch.autograd.grad(logps.sum(), cap.anchor)
+    _STANDALONE[0] += 1
+    try:
+        with torch.enable_grad(), cap:
+            logps = sequence_logps(model, input_ids, attention_mask, rm).logps
+            if not rm.any():
+                return torch.zeros(cap.n, cap.n, dtype=compute_dtype), logps.detach()
+            cap.check_graph(logps)
+            if cap.anchor is None:
+                raise GramError("the input-embedding hook did not run: cannot drive the backward")
+            # Activation-only backward: asking for the anchor's gradient makes autograd skip every
+            # weight gradient (they are what the hooks replace).
+            torch.autograd.grad(logps.sum(), cap.anchor)
+    finally:
+        _STANDALONE[0] -= 1
     return cap.finish(), logps.detach()
 
 

@@ -1,0 +1,272 @@
+"""In-training gradient probes: entanglement and imbalance on a fixed probe set, and per step.
+
+Seed 000 (Yuan et al., arXiv 2410.13828, Sec. 3) predicts, from <g_w, g_l>, |g_w|, |g_l| and the
+loss's margin weights, whether the next step raises the chosen log-prob and lowers the rejected
+one; seed 004 (arXiv 2502.20847, Eq. 2) gives the imbalance |dL/dpi_w| : |dL/dpi_l|. A run shows
+whether those predictions come true only if the same pairs are measured again and again, so:
+
+- `ProbeRunner(model, probe_batch, loss_fn, ref).run(step, lr)` measures a *fixed* probe batch (eval
+  mode, one `sequence_gram` forward+backward, the model's gradients and mode untouched) and returns
+  per-pair rows (step, pair_id, log-probs, inner products, norms, cosine, d_w, d_l, predicted changes
+  for one SGD step of size lr, the conditions, and the *observed* change since the previous probe)
+  plus aggregates (`probe/...` keys of ARCHITECTURE.md).
+- `StepEntanglement` gets the batch's statistics from the training step's own backward
+  (`gram.StepGramCapture`: per-sequence signals are the loss weights times the log-prob signals),
+  cheap enough for every step (`entanglement/...` keys in the train rows).
+- `ProbeCallback` wires both into `preflens.train.Trainer` (options `--probe-every`,
+  `--probe-pairs`, `--step-entanglement`): rows go to `probes.parquet`, aggregates to
+  `metrics.jsonl` as split "probe" rows.
+
+The predicted changes are for plain SGD; with Adam the magnitudes differ, the *signs* (the
+conditions) are what to compare with the observed changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from preflens.diagnostics.entanglement import EntanglementStats, entanglement_from_gram
+from preflens.diagnostics.imbalance import gradient_imbalance, imbalance_metrics
+from preflens.losses import LossFn, PairLogps
+from preflens.train import TrainerCallback
+
+__all__ = ["ProbeRunner", "StepEntanglement", "ProbeCallback", "probe_rows"]
+
+
+def probe_rows(
+    stats: EntanglementStats, p: PairLogps, loss_fn: LossFn, pair_ids: list[int], step: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-pair rows and aggregates of one measurement (shared by the probe runner and `preflens probe`)."""
+    imb = gradient_imbalance(loss_fn, p)
+    rows = stats.rows(step=step, pair_id=pair_ids)
+    ref_c = p.ref_chosen.tolist() if p.ref_chosen is not None else [math.nan] * len(rows)
+    ref_r = p.ref_rejected.tolist() if p.ref_rejected is not None else [math.nan] * len(rows)
+    for i, r in enumerate(rows):
+        r["ref_chosen"], r["ref_rejected"] = ref_c[i], ref_r[i]
+        r["imbalance_log_ratio"] = float(imb.log_ratio[i])
+        r["lambda_w"] = float(imb.lambda_w[i])
+    agg = stats.aggregates("probe/")
+    m = imbalance_metrics(imb)
+    agg["probe/imbalance_ratio"] = m["imbalance/ratio"]
+    agg["probe/lambda_w"] = m["imbalance/lambda_w"]
+    return rows, agg
+
+
+class ProbeRunner:
+    """Entanglement/imbalance statistics of a fixed probe batch, compared with the previous probe.
+
+    `batch` is a pair batch in ARCHITECTURE.md's layout (chosen rows, then rejected rows) on the
+    model's device; `ref` the reference log-probs (chosen, rejected) [B] for losses that need them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: dict[str, Tensor],
+        loss_fn: LossFn,
+        ref: tuple[Tensor, Tensor] | None = None,
+        *,
+        params: Any = None,
+        reduction: str = "mean",
+    ) -> None:
+        self.model = model
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.ref = ref
+        self.params = params
+        self.reduction = reduction
+        self.pair_ids = [int(i) for i in batch["pair_index"].tolist()]
+        self.first: tuple[Tensor, Tensor] | None = None
+        self.prev: dict[str, Any] | None = None
+
+    def run(self, step: int, lr: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Measure now; `lr` scales the predicted changes (one SGD step of that size)."""
+        from preflens.diagnostics.gram import sequence_gram_and_logps
+
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the deterministic gradient the papers analyse
+        try:
+            b = self.batch
+            gram, logps = sequence_gram_and_logps(
+                self.model, b["input_ids"], b["attention_mask"], b["response_mask"], self.params
+            )
+        finally:
+            self.model.train(was_training)
+        n = logps.shape[0] // 2
+        lengths = b["response_mask"].bool().sum(1)
+        p = PairLogps(
+            chosen=logps[:n].float(),
+            rejected=logps[n:].float(),
+            ref_chosen=None if self.ref is None else self.ref[0].float().to(logps.device),
+            ref_rejected=None if self.ref is None else self.ref[1].float().to(logps.device),
+            chosen_len=lengths[:n],
+            rejected_len=lengths[n:],
+        )
+        norms = gram.diagonal().clamp_min(0).sqrt().float()
+        p.chosen_grad_norm, p.rejected_grad_norm = norms[:n], norms[n:]  # used by `normalized` only
+        stats = entanglement_from_gram(gram, p, self.loss_fn, eta=lr, reduction=self.reduction)  # type: ignore[arg-type]
+        rows, agg = probe_rows(stats, p, self.loss_fn, self.pair_ids, step)
+
+        chosen, rejected = p.chosen.detach().cpu(), p.rejected.detach().cpu()
+        if self.first is None:
+            self.first = (chosen, rejected)
+        prev = self.prev
+        for i, r in enumerate(rows):
+            if prev is None:
+                r.update(obs_steps=0, obs_delta_chosen=math.nan, obs_delta_rejected=math.nan)
+                r.update(pred_at_prev_chosen=math.nan, pred_at_prev_rejected=math.nan)
+            else:
+                r["obs_steps"] = step - prev["step"]
+                r["obs_delta_chosen"] = float(chosen[i] - prev["chosen"][i])
+                r["obs_delta_rejected"] = float(rejected[i] - prev["rejected"][i])
+                # what the previous probe predicted for one step, times the steps since
+                r["pred_at_prev_chosen"] = float(prev["pred_c"][i]) * r["obs_steps"]
+                r["pred_at_prev_rejected"] = float(prev["pred_r"][i]) * r["obs_steps"]
+        agg["probe/frac_chosen_fell"] = float((chosen < self.first[0]).float().mean())
+        agg["probe/frac_rejected_rose"] = float((rejected > self.first[1]).float().mean())
+        if prev is not None:
+            agg["probe/frac_chosen_fell_since_prev"] = float((chosen < prev["chosen"]).float().mean())
+            agg["probe/frac_rejected_rose_since_prev"] = float((rejected > prev["rejected"]).float().mean())
+        agg["probe/logps_chosen"] = float(chosen.mean())
+        agg["probe/logps_rejected"] = float(rejected.mean())
+        self.prev = {
+            "step": step,
+            "chosen": chosen,
+            "rejected": rejected,
+            "pred_c": stats.batch_pred_delta_chosen.cpu(),
+            "pred_r": stats.batch_pred_delta_rejected.cpu(),
+        }
+        return rows, agg
+
+
+class StepEntanglement:
+    """Per-step entanglement statistics from the training step's own backward.
+
+    `capture(model, batch)` returns the context to wrap one micro-batch's forward+backward in;
+    `watch(seq_logps, pair)` is called after the forward; after the context exits, `stats` holds
+    the micro-batch's `EntanglementStats` (pairs whose loss weight is 0 come out NaN).
+    """
+
+    def __init__(self, loss_fn: LossFn, reduction: str = "mean") -> None:
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self._checked = False
+        self.cap: Any = None
+        self.pair: PairLogps | None = None
+        self.collected: list[EntanglementStats] = []
+
+    def capture(self, model: nn.Module, batch: dict[str, Tensor]) -> Any:
+        from preflens.diagnostics.gram import StepGramCapture
+
+        self.cap = StepGramCapture(
+            model, batch["attention_mask"], batch["response_mask"], check_graph=not self._checked
+        )
+        outer = self
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                outer.cap.__enter__()
+
+            def __exit__(self, *exc: Any) -> None:
+                outer.cap.__exit__(*exc)
+                if exc[0] is None:
+                    outer._finish()
+
+        return _Ctx()
+
+    def watch(self, logps: Tensor, pair: PairLogps) -> None:
+        self.cap.watch(logps)
+        self._checked = True
+        self.pair = pair.replace(
+            **{k: v.detach() for k, v in vars(pair).items() if isinstance(v, Tensor) and v.requires_grad}
+        )
+
+    def _finish(self) -> None:
+        if self.pair is None or self.cap.c is None:
+            return
+        gram = self.cap.result()
+        self.collected.append(entanglement_from_gram(gram, self.pair, self.loss_fn, reduction=self.reduction))  # type: ignore[arg-type]
+        self.pair = None
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Aggregates over the micro-batches since the last call (`entanglement/...` keys)."""
+        if not self.collected:
+            return {}
+        keys = [
+            "cosine",
+            "inner",
+            "norm_w",
+            "norm_l",
+            "cond1_violated",
+            "cond2_violated",
+        ]
+        out: dict[str, float] = {}
+        for k in keys:
+            v = torch.cat([getattr(s, k).float() for s in self.collected])
+            v = v[torch.isfinite(v)]
+            name = f"entanglement/frac_{k}" if k.startswith("cond") else f"entanglement/{k}"
+            out[name] = float(v.mean()) if v.numel() else math.nan
+        self.collected = []
+        return out
+
+
+class ProbeCallback(TrainerCallback):
+    """Adds probes to `preflens.train.Trainer` (`--probe-every K --probe-pairs P --step-entanglement`).
+
+    The probe set is the first P pairs (by pair id) of the eval split, else of the train split, with
+    their cached reference log-probs. It is probed before step 1 and every K optimizer steps.
+    """
+
+    def __init__(self, every: int, pairs: int, step_entanglement: bool = False) -> None:
+        self.every = int(every)
+        self.pairs = int(pairs)
+        self.step = StepEntanglement.__new__(StepEntanglement) if step_entanglement else None
+        self.runner: ProbeRunner | None = None
+
+    # -- probes on a fixed set ----------------------------------------------------------------
+
+    def on_train_begin(self, trainer: Any) -> None:
+        from preflens.data.collate import collate_pairs
+
+        if self.step is not None:
+            StepEntanglement.__init__(self.step, trainer.loss_fn)
+        if self.every <= 0 or self.pairs <= 0:
+            return
+        split = "eval" if trainer.eval_items else "train"
+        items = sorted(trainer.eval_items or trainer.train_items, key=lambda it: it.pair_id)[: self.pairs]
+        batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
+        dev = trainer.accelerator.device
+        batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        ref = trainer.ref_table[split][batch["pair_index"]]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.runner = ProbeRunner(model, batch, trainer.loss_fn, (ref[:, 0], ref[:, 1]))
+        self.split = split
+        if trainer.state.step == 0:
+            self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])
+
+    def _probe(self, trainer: Any, step: int, lr: float) -> None:
+        rows, agg = self.runner.run(step, lr)  # type: ignore[union-attr]
+        for r in rows:
+            r["split"] = self.split
+        trainer.tracker.table("probes").append(rows)
+        trainer.tracker.log({"step": step, "split": "probe", **agg})
+
+    def on_step_end(self, trainer: Any, state: Any, batch_stats: dict[str, Any]) -> dict | None:
+        if self.runner is not None and self.every > 0 and state.step % self.every == 0:
+            self._probe(trainer, state.step, float(batch_stats["metrics"].get("lr", 1.0)))
+        return self.step.pop_metrics() if self.step is not None else None
+
+    # -- statistics of the training step itself -------------------------------------------------
+
+    def micro_batch_context(self, trainer: Any, batch: dict[str, Any]) -> Any:
+        if self.step is None:
+            return None
+        return self.step.capture(trainer.accelerator.unwrap_model(trainer.model), batch)
+
+    def on_logps(self, trainer: Any, batch: dict[str, Any], seq: Any, pair: Any, per_pair_loss: Any) -> None:
+        if self.step is not None:
+            self.step.watch(seq.logps, pair)
