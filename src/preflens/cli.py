@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "ches",
     "displacement",
     "train",
+    "probe",
 ]
 
 
