@@ -305,3 +305,28 @@ def test_reward_failure_in_post_sft_evaluation_resumes_there(tmp_path):
         (3, "rft"),
         (4, "rft"),
     ]
+
+
+def test_lora_rft_trains_only_adapters_and_resumes(tmp_path, monkeypatch):
+    from preflens.commands.rft import run_rft
+
+    base, tok = make_tiny()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    monkeypatch.setattr("preflens.commands.rft._load", lambda name: (base, tok))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    kw = dict(model=None, prompts=prompts, reward="keyword:apple", lora_rank=4, k=4, prompts_per_step=2)
+    kw.update(max_new_tokens=2, lr=5e-2, save_every=2, kl_coef=0.1)
+    run_rft(output_dir=tmp_path / "run", steps=2, **kw)
+    # frozen base weights are untouched, the adapters moved
+    after = base.state_dict()  # peft wrapped the modules in place: q_proj.weight -> q_proj.base_layer.weight
+    frozen = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    assert frozen.keys() == before.keys()
+    assert all(torch.equal(before[k], frozen[k]) for k in before)
+    assert any(v.abs().sum() > 0 for k, v in after.items() if "lora_B" in k)  # B starts at 0
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    # resume with more steps: the adapter and optimizer come back from checkpoints/step-2
+    base2, _ = make_tiny()
+    monkeypatch.setattr("preflens.commands.rft._load", lambda name: (base2, tok))
+    run_rft(output_dir=tmp_path / "run", steps=4, resume=True, **kw)
+    assert [r["step"] for r in _metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2, 3, 4]

@@ -45,6 +45,8 @@ def _load(name: str | None) -> tuple[Any, Any]:
 def run_rft(
     *,
     model: str | None,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
     prompts: Path,
     reward: str,
     output_dir: Path,
@@ -65,6 +67,11 @@ def run_rft(
     if not resume and not overwrite and out.exists() and any(out.iterdir()):
         prepare_run_dir(out, overwrite=False, resume=False)
     lm, tok = _load(model)
+    if lora_rank:
+        from preflens.models import apply_lora
+
+        # all linear layers, alpha = 2 x rank by default, as `preflens train --lora-rank`
+        lm = apply_lora(lm, rank=lora_rank, alpha=lora_alpha or 2.0 * lora_rank, target_modules="all-linear")
     return train_rft(
         lm,
         tok,
@@ -74,7 +81,12 @@ def run_rft(
         out,
         resume=resume,
         overwrite=overwrite,
-        extra_config={"model": model, "prompts": str(prompts)},
+        extra_config={
+            "model": model,
+            "prompts": str(prompts),
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+        },
         log_fn=typer.echo,
     )
 
@@ -92,6 +104,10 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(
             None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
         ),
+        lora_rank: int = typer.Option(
+            0, "--lora-rank", help="LoRA rank on all linear layers; 0 trains all weights"
+        ),
+        lora_alpha: float = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2 x rank)"),
         steps: int = typer.Option(DEFAULTS["steps"], "--steps"),
         k: int = typer.Option(DEFAULTS["k"], "-k", "--k", help="samples per prompt"),
         prompts_per_step: int = typer.Option(DEFAULTS["prompts_per_step"], "--prompts-per-step"),
@@ -142,6 +158,8 @@ def register(app: typer.Typer) -> None:
             output_dir=output_dir,
             resume=resume,
             overwrite=overwrite,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
             steps=steps,
             k=k,
             prompts_per_step=prompts_per_step,
