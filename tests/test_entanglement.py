@@ -206,3 +206,40 @@ def test_trainer_writes_probes_and_step_entanglement(tmp_path) -> None:
     train_rows = [r for r in rows if r["split"] == "train"]
     assert all(-1.0 <= r["entanglement/cosine"] <= 1.0 for r in train_rows)
     assert all(0.0 <= r["entanglement/frac_cond1_violated"] <= 1.0 for r in train_rows)
+
+
+def test_probe_cli_end_to_end(tmp_path) -> None:
+    """`preflens probe` on a saved tiny model: parquet rows match the library's numbers for a pair."""
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+    from preflens.data.collate import collate_pairs, tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.models import tiny_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(6, seed=1, response_length=4)))
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "probe.parquet"
+    res = CliRunner().invoke(
+        app,
+        ["probe", "--model", str(tmp_path / "m"), "--data", str(data), "-o", str(out), "--token-level", "1"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "condition 1 violated" in res.output
+    df = pd.read_parquet(out)
+    assert len(df) == 6 and df["pair_id"].tolist() == list(range(6))
+    assert df["token/sentence_inner"].notna().sum() == 1
+    # pair 0 alone, through the library: same inner product and cosine
+    pairs, _ = load_pairs(data)
+    items, _ = tokenize_pairs(pairs, tok)
+    batch = collate_pairs([it for it in items if it.pair_id == 0], tok.pad_token_id)
+    g = sequence_gram(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    assert df.loc[0, "inner"] == pytest.approx(float(g[0, 1]), rel=1e-4)
+    assert df.loc[0, "cosine"] == pytest.approx(float(g[0, 1] / (g[0, 0] * g[1, 1]).sqrt()), rel=1e-4)
