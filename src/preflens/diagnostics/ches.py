@@ -100,7 +100,6 @@ def _last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
     return out.hidden_states[-1]
 
 
-@torch.no_grad()
 def response_hidden_sums(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -111,13 +110,17 @@ def response_hidden_sums(
     model's dtype, so bf16 models give stable scores.
     """
     _validate(input_ids, attention_mask, response_mask, "batch")
-    h = _last_hidden(model, input_ids, attention_mask)
-    pred = response_mask[:, 1:].to(device=h.device, dtype=torch.float32)  # position t-1 predicts t
-    hp = h[:, :-1]
-    if hp.dtype != torch.float32:
-        hp = hp.float()
-    sums = torch.bmm(pred.unsqueeze(1), hp).squeeze(1)
-    return sums, pred.sum(1)
+    # inference_mode (not just no_grad): no version counters or autograd metadata on the activations
+    with torch.inference_mode():
+        h = _last_hidden(model, input_ids, attention_mask)
+        pred = response_mask[:, 1:].to(device=h.device, dtype=torch.float32)  # position t-1 predicts t
+        hp = h[:, :-1]
+        if hp.dtype != torch.float32:
+            hp = hp.float()
+        sums = torch.bmm(pred.unsqueeze(1), hp).squeeze(1)
+        counts = pred.sum(1)
+    # ordinary tensors again (inference tensors refuse to enter autograd later), a [N, d] copy
+    return sums.clone(), counts.clone()
 
 
 def ches_from_sums(
@@ -143,7 +146,6 @@ def _pad_right(x: Tensor, width: int, value: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-@torch.no_grad()
 def ches_score(
     model: nn.Module,
     chosen_ids: Tensor,
