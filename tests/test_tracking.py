@@ -1,0 +1,136 @@
+"""Run-directory rules, metric writers and --config merging (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from preflens.config import build_config, load_config_file
+from preflens.errors import PreflensError, RunDirError
+from preflens.tracking import (
+    MetricsWriter,
+    RunTracker,
+    TableWriter,
+    latest_checkpoint,
+    prepare_run_dir,
+    prune_checkpoints,
+    read_config,
+    write_config,
+)
+from preflens.train import TrainConfig
+
+
+def test_prepare_run_dir_rules(tmp_path):
+    new = prepare_run_dir(tmp_path / "a" / "b")
+    assert new.is_dir()
+    prepare_run_dir(new)  # empty: fine
+    (new / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunDirError, match="not empty.*--overwrite.*--resume"):
+        prepare_run_dir(new)
+    assert (new / "metrics.jsonl").exists()
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        prepare_run_dir(new, resume=True)  # results but no checkpoint
+    (new / "checkpoints" / "step-3").mkdir(parents=True)
+    assert prepare_run_dir(new, resume=True) == new and (new / "metrics.jsonl").exists()
+    with pytest.raises(RunDirError, match="exclude"):
+        prepare_run_dir(new, overwrite=True, resume=True)
+    prepare_run_dir(new, overwrite=True)
+    assert new.is_dir() and not any(new.iterdir())
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        prepare_run_dir(tmp_path / "missing", resume=True)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        prepare_run_dir(f, overwrite=True)
+    assert f.read_text() == "x"
+
+
+def test_checkpoints_latest_and_prune(tmp_path):
+    for s in (2, 10, 4):
+        (tmp_path / "checkpoints" / f"step-{s}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-x").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step-10"  # numeric, not lexicographic
+    gone = prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in gone] == ["step-2"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-4", "step-x"]
+    assert prune_checkpoints(tmp_path, None) == []
+
+
+def test_metrics_writer_appends_and_truncates_on_resume(tmp_path):
+    w = MetricsWriter(tmp_path / "metrics.jsonl")
+    for s in range(1, 6):
+        w.write({"step": s, "split": "train", "loss": 1.0 / s, "nan": float("nan")})
+    w.write({"step": 5, "split": "eval", "loss": 0.1})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "spl')  # killed mid-line
+    assert w.truncate_after(3) == 4
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["nan"] is None  # strict JSON: NaN becomes null
+    off = MetricsWriter(tmp_path / "other.jsonl", enabled=False)
+    off.write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_table_writer_atomic_and_resume(tmp_path):
+    t = TableWriter(tmp_path / "pairs.parquet")
+    t.append(
+        [{"step": s, "split": "eval", "pair_id": i, "chosen": -1.0 * s} for s in (0, 5, 10) for i in range(3)]
+    )
+    t.flush()
+    assert not list(tmp_path.glob("*.tmp"))
+    again = TableWriter(tmp_path / "pairs.parquet")
+    again.load(up_to_step=5)
+    again.flush()
+    df = pd.read_parquet(tmp_path / "pairs.parquet")
+    assert sorted(df["step"].unique()) == [0, 5] and len(df) == 6
+
+
+def test_run_tracker_resume_drops_later_rows_everywhere(tmp_path):
+    tr = RunTracker(tmp_path)
+    for s in range(0, 7):
+        tr.log({"step": s, "split": "train", "loss": 1.0})
+    tr.table("pairs").append([{"step": s, "pair_id": 0, "chosen": 0.0} for s in (0, 3, 6)])
+    tr.flush()
+    tr2 = RunTracker(tmp_path)
+    tr2.resume_at(3)
+    tr2.flush()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    assert sorted(pd.read_parquet(tmp_path / "pairs.parquet")["step"]) == [0, 3]
+
+
+def test_config_roundtrip_and_merge(tmp_path):
+    write_config(tmp_path, {"loss": "dpo", "lr": 1e-5, "path": tmp_path})
+    assert read_config(tmp_path) == {"loss": "dpo", "lr": 1e-5, "path": str(tmp_path)}
+    f = tmp_path / "c.yaml"
+    # YAML 1.1 reads 1e-5 as a string; the option's type decides
+    f.write_text(
+        "data: d.jsonl\noutput_dir: out\nlr: 1e-5\nsteps: 10\nbeta: 0.2\nlora_target_modules: [q_proj]\n"
+    )
+    cfg = build_config(TrainConfig, load_config_file(f), {"steps": "3", "max_grad_norm": "none"})
+    assert cfg.lr == 1e-5 and cfg.steps == 3 and cfg.beta == 0.2 and cfg.max_grad_norm is None
+    assert cfg.lora_target_modules == ["q_proj"]
+    f.write_text("data: d.jsonl\nlerning_rate: 1e-5\n")
+    with pytest.raises(PreflensError, match=r"unknown option 'lerning_rate'"):
+        build_config(TrainConfig, load_config_file(f), {}, source=str(f))
+    with pytest.raises(PreflensError, match=r"--steps: steps must be an integer, got '2.5'"):
+        build_config(TrainConfig, {}, {"steps": "2.5"})
+    f.write_text("- a\n- b\n")
+    with pytest.raises(PreflensError, match="expected a mapping"):
+        load_config_file(f)
+    with pytest.raises(PreflensError, match="no such file"):
+        load_config_file(tmp_path / "nope.yaml")
+
+
+def test_every_option_has_help():
+    from dataclasses import fields
+
+    for f in fields(TrainConfig):
+        assert len(TrainConfig.help(f.name)) > 10, f.name
