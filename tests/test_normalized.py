@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from preflens.diagnostics.gram import sequence_grad_norms
@@ -17,6 +18,15 @@ from test_entanglement import shared_prefix_pairs
 from test_gram import tiny_llama
 
 B = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run fastest on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _pair(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
