@@ -380,3 +380,18 @@ def test_tensorboard_events_written(tmp_path):
     model, tok = tiny()
     run = train(config(tmp_path, steps=2, report_to="tensorboard"), model=model, tokenizer=tok)
     assert list((run / "tb").rglob("events.out.tfevents*"))
+
+
+def test_probe_options_attach_the_probe_callback(tmp_path):
+    pytest.importorskip("preflens.probes")
+    model, tok = tiny()
+    run = train(
+        config(tmp_path, steps=2, probe_every=1, probe_pairs=3, step_entanglement=True),
+        model=model,
+        tokenizer=tok,
+    )
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if r["split"] == "probe"] == [0, 1, 2]
+    assert all("entanglement/cosine" in r for r in rows if r["split"] == "train")
+    probes = pd.read_parquet(run / "probes.parquet")
+    assert sorted(probes["step"].unique()) == [0, 1, 2] and probes["pair_id"].nunique() == 3
