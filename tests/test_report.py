@@ -92,7 +92,7 @@ def _make_run(root: Path, *, pairs: bool = True, probes: bool = True, ches: bool
                 "cosine": [0.9, 0.8, 0.7, 0.6],
                 "cond1_violated": [True, True, False, False],
                 "cond2_violated": [False] * 4,
-                "pred_delta_chosen": [-1.0, -0.5, 0.2, 0.4],
+                "pred_at_prev_chosen": [-1.0, -0.5, 0.2, 0.4],
                 "obs_delta_chosen": [-0.8, -0.6, 0.1, 0.5],
             }
         )

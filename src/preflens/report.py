@@ -643,10 +643,13 @@ def _fig_pred_vs_obs(run: RunData, out: Path) -> Figure | None:
     p = run.probes
     if p is None:
         return None
-    pc = _col(p, "pred_delta_chosen", "predicted_delta_chosen")
-    oc = _col(p, "obs_delta_chosen", "observed_delta_chosen")
-    pr = _col(p, "pred_delta_rejected", "predicted_delta_rejected")
-    orr = _col(p, "obs_delta_rejected", "observed_delta_rejected")
+    # a probe row at step s holds the change observed since the previous probe (obs_delta_*) and what
+    # that previous probe predicted for it (pred_at_prev_*: its batch first-order change per step,
+    # times the steps between the probes), ARCHITECTURE.md's probes.parquet
+    pc = _col(p, "pred_at_prev_chosen")
+    oc = _col(p, "obs_delta_chosen")
+    pr = _col(p, "pred_at_prev_rejected")
+    orr = _col(p, "obs_delta_rejected")
     if not ((pc and oc) or (pr and orr)):
         return None
     fig, axes = _new_fig(ncols=2, width=4.4, height=3.8)
@@ -660,15 +663,18 @@ def _fig_pred_vs_obs(run: RunData, out: Path) -> Figure | None:
                 ax.plot([lo, hi], [lo, hi], color=GREY, linewidth=0.8, linestyle="--")
             ax.axhline(0, color="black", linewidth=0.5)
             ax.axvline(0, color="black", linewidth=0.5)
-        _style(ax, f"{name}: predicted vs observed change", "observed Δ", "predicted Δ (first order)")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color=GREY)
+        _style(ax, f"{name}: predicted vs observed change", "observed Δ", "predicted Δ (first order, SGD)")
     _save(fig, out / "pred_vs_obs.png")
     return Figure(
         "pred_vs_obs",
         "First-order prediction vs observed change",
         out / "pred_vs_obs.png",
-        "Per probed pair: the first-order change predicted from the gradient Gram and margin weights "
-        "against the change observed at the next measurement. Points near the diagonal validate the "
-        "linearization; the sign is what the conditions test.",
+        "Per probed pair: the first-order change predicted at one probe from the gradient Gram and the "
+        "margin weights (one SGD step of the current learning rate, times the steps to the next probe) "
+        "against the change observed at the next probe. With Adam the magnitudes differ; the signs are "
+        "what the conditions test.",
     )
 
 
@@ -759,7 +765,7 @@ _SECTIONS: list[tuple[str, str, str]] = [
     (
         "pred_vs_obs",
         "First-order prediction vs observed change",
-        "probes.parquet has no predicted/observed deltas",
+        "probes.parquet has no pred_at_prev_*/obs_delta_* columns (they need two probes or more)",
     ),
     (
         "margin_weights",

@@ -23,17 +23,17 @@ reads it like a `preflens train` run):
   (chosen rises) and condition 2 (rejected falls) they violate, and the changes observed at the next
   probe, so the prediction can be checked.
 
-The gradient Gram matrix comes from `preflens.diagnostics.gram.sequence_gram` when it is installed
-(one backward for all sequences); otherwise from an exact per-sequence autograd loop over the few
-probe sequences. Probes run in eval mode (no dropout) and leave the model's mode and gradients as
-they found them. Only the main process writes files; every process computes (the probe set is the
-same on all of them), so distributed runs stay in lock-step.
+The measurement is `preflens.probes.ProbeRunner`, the same one `preflens train --probe-every` uses
+(one `sequence_gram` forward + activation-only backward over the probe set, eval mode, the model's
+gradients and mode untouched), so the columns and their meaning are identical in both kinds of run:
+a row at step s holds the change observed since the previous probe (`obs_delta_*`) beside what that
+probe predicted for it (`pred_at_prev_*`). Only the main process writes files; every process
+computes (the probe set is the same on all of them), so distributed runs stay in lock-step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,74 +44,10 @@ from transformers import TrainerCallback
 
 from preflens.errors import PreflensError
 
-__all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS", "gram_entanglement_stats"]
+__all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS"]
 
 # TRL `loss_type` -> preflens loss (DESIGN.md's table) used for the margin weights d_w, d_l.
 TRL_TO_PREFLENS_LOSS: dict[str, str] = {"sigmoid": "dpo", "ipo": "ipo", "sppo_hard": "sppo"}
-
-
-def gram_entanglement_stats(gram: Tensor, d_w: Tensor, d_l: Tensor, lr: float = 1.0) -> dict[str, Tensor]:
-    """Per-pair entanglement statistics from the [2B, 2B] Gram of chosen rows (0..B-1) then rejected
-    rows (B..2B-1) and the margin weights (seed 000, Sec. 3, first-order change under one SGD step):
-
-        delta chosen   = lr (d_w |g_w|^2 - d_l <g_w, g_l>)      condition 1: > 0
-        delta rejected = lr (d_w <g_w, g_l> - d_l |g_l|^2)      condition 2: < 0
-
-    A condition counts as violated when its sign is wrong (strictly: a pair with zero weights, whose
-    loss is saturated, moves neither way and violates nothing). With Adam the magnitude of the
-    prediction is SGD's, not the optimizer's; the sign is what the conditions test.
-    """
-    b = gram.shape[0] // 2
-    idx = torch.arange(b)
-    inner = gram[idx, idx + b]
-    nw2, nl2 = gram[idx, idx], gram[idx + b, idx + b]
-    nw, nl = nw2.clamp_min(0).sqrt(), nl2.clamp_min(0).sqrt()
-    cos = inner / (nw * nl).clamp_min(1e-30)
-    # the conditions are on the unscaled quantities: lr > 0 does not change their sign, and a scheduler
-    # at lr = 0 (the last step of a linear decay) must not read as "violated"
-    move_c = d_w * nw2 - d_l * inner
-    move_r = d_w * inner - d_l * nl2
-    return {
-        "inner": inner,
-        "norm_w": nw,
-        "norm_l": nl,
-        "cosine": cos,
-        "d_w": d_w,
-        "d_l": d_l,
-        "pred_delta_chosen": lr * move_c,
-        "pred_delta_rejected": lr * move_r,
-        "cond1_violated": move_c < 0,
-        "cond2_violated": move_r > 0,
-    }
-
-
-def _loop_gram(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-    """Exact Gram of per-sequence gradients of the summed response log-probs, one backward per row.
-    Only used when `preflens.diagnostics.gram` is absent; fine for a probe set of a few pairs."""
-    from preflens.logprobs import sequence_logps
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = []
-    for s in range(input_ids.shape[0]):
-        lp = sequence_logps(
-            model, input_ids[s : s + 1], attention_mask[s : s + 1], response_mask[s : s + 1]
-        ).logps
-        g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
-        grads.append(
-            torch.cat(
-                [(x if x is not None else torch.zeros_like(p)).reshape(-1).float() for x, p in zip(g, params)]
-            )
-        )
-    G = torch.stack(grads)
-    return G @ G.T
-
-
-def _gram(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-    try:
-        from preflens.diagnostics.gram import sequence_gram
-    except ImportError:
-        return _loop_gram(model, input_ids, attention_mask, response_mask)
-    return sequence_gram(model, input_ids, attention_mask, response_mask)
 
 
 class PreflensCallback(TrainerCallback):
@@ -160,8 +96,9 @@ class PreflensCallback(TrainerCallback):
             dataset = next(iter(dataset.values()))
         self.batch, self.pair_ids = self._probe_batch(dataset, probe_pairs)
         self.ref: tuple[Tensor, Tensor] | None = None
+        self.runner: Any = None
         self.start: Tensor | None = None
-        self.last: dict[str, Any] | None = None
+        self.last_step: int | None = None
         self.probe_rows: list[dict[str, Any]] = []
         self.pair_rows: list[dict[str, Any]] = []
 
@@ -198,7 +135,13 @@ class PreflensCallback(TrainerCallback):
             att[i, : len(s)] = 1
             resp[i, : len(m)] = torch.tensor(m)
         resp[:, 0] = False  # position 0 predicts nothing
-        return {"input_ids": ids, "attention_mask": att, "response_mask": resp}, list(range(n))
+        pair_index = torch.arange(n, dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "attention_mask": att,
+            "response_mask": resp,
+            "pair_index": pair_index,
+        }, list(range(n))
 
     def _logps(self, model: nn.Module) -> Tensor:
         from preflens.logprobs import sequence_logps
@@ -282,7 +225,7 @@ class PreflensCallback(TrainerCallback):
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
     ) -> None:
-        if self.last is None or self.last["step"] != state.global_step:
+        if self.last_step != state.global_step:
             self._probe(
                 model if model is not None else self.trainer.model,
                 state,
@@ -292,88 +235,59 @@ class PreflensCallback(TrainerCallback):
     # -- the probe -------------------------------------------------------------------------------
 
     def _probe(self, model: nn.Module, state: Any, lr: float) -> None:
-        from preflens.losses import PairLogps, margin_weights
-
         assert self.ref is not None
-        b = len(self.pair_ids)
         step = int(state.global_step)
-        with _eval_mode(model):
-            lp = self._logps(model)
-        chosen, rejected = lp[:b], lp[b:]
-        if self.start is None:
-            self.start = chosen.clone()
-        lens = self.batch["response_mask"].sum(1)
-        p = PairLogps(
-            chosen=chosen,
-            rejected=rejected,
-            ref_chosen=self.ref[0],
-            ref_rejected=self.ref[1],
-            chosen_len=lens[:b],
-            rejected_len=lens[b:],
-        )
-        d_w, d_l = margin_weights(self.loss_fn, p)
-        # observed change since the previous probe fills that probe's rows
-        if self.last is not None:
-            for r, oc, orj in zip(
-                self.last["rows"],
-                (chosen - self.last["chosen"]).tolist(),
-                (rejected - self.last["rejected"]).tolist(),
-            ):
-                r["obs_delta_chosen"], r["obs_delta_rejected"] = oc, orj
-        rows: list[dict[str, Any]] = []
-        metrics: dict[str, Any] = {"step": step, "split": "probe"}
         if self.entanglement:
-            dev = next(model.parameters()).device
-            bt = {k: v.to(dev) for k, v in self.batch.items()}
-            with _eval_mode(model), _keep_grads(model), torch.enable_grad():
-                gram = _gram(model, bt["input_ids"], bt["attention_mask"], bt["response_mask"]).double().cpu()
-            st = gram_entanglement_stats(gram, d_w.double(), d_l.double(), lr=lr)
-            for i, pid in enumerate(self.pair_ids):
-                rows.append(
-                    {
-                        "step": step,
-                        "pair_id": pid,
-                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i])) for k, v in st.items()},
-                        "obs_delta_chosen": math.nan,
-                        "obs_delta_rejected": math.nan,
-                    }
-                )
-            metrics.update(
-                {
-                    "probe/cosine": float(st["cosine"].mean()),
-                    "probe/inner": float(st["inner"].mean()),
-                    "probe/norm_w": float(st["norm_w"].mean()),
-                    "probe/norm_l": float(st["norm_l"].mean()),
-                    "probe/frac_cond1_violated": float(st["cond1_violated"].double().mean()),
-                    "probe/frac_cond2_violated": float(st["cond2_violated"].double().mean()),
-                }
-            )
-        metrics.update(
-            {
-                "probe/frac_chosen_fell": float((chosen < self.start).double().mean()),
-                "probe/logps_chosen": float(chosen.mean()),
-                "probe/logps_rejected": float(rejected.mean()),
-                "probe/dw": float(d_w.mean()),
-                "probe/dl": float(d_l.mean()),
+            rows, agg = self._entanglement_probe(model, step, lr)
+            chosen = [float(r["chosen"]) for r in rows]
+            rejected = [float(r["rejected"]) for r in rows]
+            for r in rows:
+                r["split"] = self.probe_split
+            self.probe_rows.extend(rows)
+        else:  # log-prob probe only (no backward): displacement, not entanglement
+            with _eval_mode(model):
+                lp = self._logps(model)
+            b = len(self.pair_ids)
+            chosen, rejected = lp[:b].tolist(), lp[b:].tolist()
+            if self.start is None:
+                self.start = lp[:b]
+            agg = {
+                "probe/frac_chosen_fell": float((lp[:b] < self.start).double().mean()),
+                "probe/logps_chosen": float(lp[:b].mean()),
+                "probe/logps_rejected": float(lp[b:].mean()),
             }
-        )
-        self.probe_rows.extend(rows)
-        self.last = {"step": step, "chosen": chosen, "rejected": rejected, "rows": rows}
         for i, pid in enumerate(self.pair_ids):
             self.pair_rows.append(
                 {
                     "step": step,
                     "split": self.probe_split,
                     "pair_id": pid,
-                    "chosen": float(chosen[i]),
-                    "rejected": float(rejected[i]),
+                    "chosen": chosen[i],
+                    "rejected": rejected[i],
                     "ref_chosen": float(self.ref[0][i]),
                     "ref_rejected": float(self.ref[1][i]),
                 }
             )
+        self.last_step = step
         if state.is_world_process_zero:
-            self._write_metrics(metrics)
+            self._write_metrics({"step": step, "split": "probe", **agg})
             self._write_parquets()
+
+    def _entanglement_probe(self, model: nn.Module, step: int, lr: float) -> tuple[list[dict], dict]:
+        from preflens.probes import ProbeRunner
+
+        if self.runner is None or self.runner.model is not model:
+            # (re)built when the trainer hands a different model object (e.g. after wrapping);
+            # the first and previous measurements carry over so observed changes stay continuous
+            dev = next(model.parameters()).device
+            batch = {k: v.to(dev) for k, v in self.batch.items()}
+            ref = (self.ref[0].to(dev), self.ref[1].to(dev)) if self.ref is not None else None
+            prev = None if self.runner is None else (self.runner.first, self.runner.prev)
+            self.runner = ProbeRunner(model, batch, self.loss_fn, ref=ref)
+            if prev is not None:
+                self.runner.first, self.runner.prev = prev
+        with _keep_grads(model):
+            return self.runner.run(step, lr=lr)
 
     # -- files -----------------------------------------------------------------------------------
 
