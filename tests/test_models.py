@@ -368,6 +368,7 @@ def test_embedded_cache_is_built_once_reused_and_rebuilt_when_stale(fake_embedde
     assert calls == [(str(gguf.parent), gguf.name)]
     assert models.embedded_model_dir() == d and len(calls) == 1  # cached: no second conversion
     model, tok = load_model("embedded")
+    assert load_model("")[0].config.vocab_size == load_model(None)[0].config.vocab_size == len(tok)
     ref, _ = tiny_model(seed=7)
     assert torch.equal(_logits(model, _ids(tok)), _logits(ref, _ids(tok)))
     assert tok.chat_template and tok.padding_side == "right"

@@ -150,7 +150,7 @@ def load_model(
     """Load a causal LM and its tokenizer, ready for preflens (pad token set, right padding).
 
     `name_or_path`:
-      * `None`, "embedded" or "default": the embedded SmolLM2-135M-Instruct (converted once, then cached);
+      * `None`, "" (an unset CLI option), "embedded" or "default": the embedded SmolLM2-135M-Instruct (converted once, then cached);
       * a `.gguf` file, or a directory together with `gguf_file=`: dequantized, then rebuilt as a plain
         (trainable, saveable) model;
       * a local directory with `config.json` + weights, or with `adapter_config.json` (a LoRA adapter saved
@@ -161,7 +161,7 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
 
-    if name_or_path is None or str(name_or_path).lower() in EMBEDDED_ALIASES:
+    if name_or_path is None or str(name_or_path).strip().lower() in (*EMBEDDED_ALIASES, ""):
         if gguf_file is not None:
             raise PreflensError("gguf_file needs a model directory or hub id, not the embedded default")
         model, tok = _load_pretrained(str(embedded_model_dir()), torch_dtype, trust_remote_code=False)
