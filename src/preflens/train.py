@@ -527,7 +527,14 @@ class Trainer:
                     import tensorboardX  # noqa: F401
                 except ImportError:
                     log_with = None
+        import os
+
+        # accelerate detects a CPU process group (torchrun/accelerate launch --cpu, gloo) only when told it
+        # runs on CPU; a GPU machine keeps its default device selection.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        on_cpu = world > 1 and not torch.cuda.is_available()
         return Accelerator(
+            cpu=on_cpu,
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
             project_config=ProjectConfiguration(
