@@ -199,6 +199,13 @@ def test_apply_lora_trains_only_adapters_and_starts_at_the_base_function(tiny):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable_parameters(lora))
 
 
+def test_apply_lora_all_linear_targets_every_block_linear_but_not_the_head(tiny):
+    model, _ = tiny
+    lora = apply_lora(model, rank=2, alpha=4, target_modules="all-linear")
+    wrapped = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in trainable_parameters(lora)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def test_apply_lora_errors(tiny):
     model, _ = tiny
     with pytest.raises(PreflensError, match="not found in the model"):
