@@ -64,9 +64,117 @@ def test_compare_runs_figure_and_html(tmp_path):
     assert "href='dpo/report.html'" in page and (runs["dpo"] / "report.html").exists()
 
 
+def _data(tmp_path: Path) -> Path:
+    from preflens.data import synthetic
+
+    rows = synthetic.sentiment_pairs(16, seed=0, shared_tokens=2, response_length=4)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train several times faster on one thread on a shared CPU (no spin-waiting)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_compare_same_start_one_run_per_loss(tmp_path, one_thread):
+    from preflens.compare import run_compare
+    from preflens.models import tiny_model
+
+    out = tmp_path / "cmp"
+    page = run_compare(
+        ["dpo", "sppo"],
+        str(_data(tmp_path)),
+        out,
+        model_factory=lambda: tiny_model(hidden_size=32),
+        loss_kwargs={"sppo": {"beta": 0.5}},
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        eval_every=3,
+        report_to="none",
+        save_every=0,
+        progress=False,
+    )
+    assert page == out / "compare.html"
+    a = pd.read_parquet(out / "dpo" / "pairs.parquet")
+    b = pd.read_parquet(out / "sppo" / "pairs.parquet")
+    a0 = a[(a.step == 0) & (a.split == "eval")].sort_values("pair_id")["chosen"].to_numpy()
+    b0 = b[(b.step == 0) & (b.split == "eval")].sort_values("pair_id")["chosen"].to_numpy()
+    assert len(a0) > 0 and abs(a0 - b0).max() < 1e-5  # same weights, same eval pairs
+    assert sorted(a.step.unique()) == [0, 3]
+    assert "beta: 0.5" in (out / "sppo" / "config.yaml").read_text()
+    text = page.read_text()
+    assert "dpo: chosen" in text and "sppo: chosen" in text
+
+
+@pytest.mark.slow
+def test_compare_cli_trains_one_run_per_loss(tmp_path):
+    """End to end through the CLI on a tiny saved model: one run dir per loss, same data and start."""
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--losses",
+            "dpo,sppo",
+            "--data",
+            str(_data(tmp_path)),
+            "--model",
+            str(tmp_path / "tiny"),
+            "--output-dir",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "comparison:" in res.output
+    for name in ("dpo", "sppo"):
+        assert (out / name / "report.html").exists()
+        cfg = (out / name / "config.yaml").read_text()
+        assert f"loss: {name}" in cfg
+    # both runs start from the same weights on the same eval pairs: identical step-0 log-probs
+    a = pd.read_parquet(out / "dpo" / "pairs.parquet")
+    b = pd.read_parquet(out / "sppo" / "pairs.parquet")
+    a0 = a[(a.step == 0) & (a.split == "eval")].sort_values("pair_id")["chosen"].to_numpy()
+    b0 = b[(b.step == 0) & (b.split == "eval")].sort_values("pair_id")["chosen"].to_numpy()
+    assert len(a0) > 0 and abs(a0 - b0).max() < 1e-5
+    page = (out / "compare.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "dpo: chosen" in page and "sppo: chosen" in page
+    # the output dir is now taken
+    res = CliRunner().invoke(app, ["compare", "--losses", "dpo", "--data", "x", "--output-dir", str(out)])
+    assert res.exit_code != 0
+
+
 def test_compare_rejects_bad_losses(tmp_path):
     from preflens.compare import run_compare
 
-    pytest.importorskip("preflens.train")
     with pytest.raises(PreflensError, match="unknown loss"):
         run_compare(["dpo", "nope"], "x.jsonl", tmp_path / "o")
+    with pytest.raises(PreflensError, match="listed twice"):
+        run_compare(["dpo", "dpo"], "x.jsonl", tmp_path / "o")
+    with pytest.raises(PreflensError, match="no hyper-parameter"):
+        run_compare(["dpo"], "x.jsonl", tmp_path / "o", loss_kwargs={"dpo": {"gamma": 1.0}})
+    assert not (tmp_path / "o").exists()  # nothing created before the options are checked

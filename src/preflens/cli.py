@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "reward_std",
     "rft",
     "report",
+    "compare",
     "make_data",
     "ches",
     "displacement",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,37 +265,65 @@ def compare_runs(
 
 
 def run_compare(
-    losses: list[str],
+    losses: Sequence[str],
     data: str,
     output_dir: str | Path,
     *,
     model: str | None = None,
     eval_data: str | None = None,
+    model_factory: Callable[[], tuple[Any, Any]] | None = None,
+    loss_kwargs: dict[str, dict[str, Any]] | None = None,
+    callbacks_factory: Callable[[str], Sequence[Any]] | None = None,
     **train_kwargs: Any,
 ) -> Path:
-    """Train one run per loss on the same data/model/seed (OUTPUT/<loss>/) and compare them.
+    """Train one run per loss on the same data, model and seed (OUTPUT/<loss>/) and compare them.
 
-    `train_kwargs` are TrainConfig fields shared by all runs (steps, lr, LoRA, probes, ...).
+    `train_kwargs` are `TrainConfig` fields shared by all runs (steps, lr, lora_rank, eval_every,
+    probe_every, ...); each loss keeps its own default hyper-parameters unless `loss_kwargs[name]`
+    sets some. `model_factory` returns a fresh (model, tokenizer) per run (Python callers with an
+    in-memory model; every run must start from the same weights). Returns OUTPUT/compare.html.
     """
-    from preflens.losses import LOSSES
+    from preflens.losses import LOSSES, loss_hparams
     from preflens.train import TrainConfig, train
 
+    losses = list(losses)
+    if not losses:
+        raise PreflensError("--losses: give at least one loss, e.g. dpo,ipo,simpo")
     unknown = [name for name in losses if name not in LOSSES]
     if unknown:
         raise PreflensError(f"--losses: unknown loss(es) {unknown}; available: {', '.join(sorted(LOSSES))}")
     if len(set(losses)) != len(losses):
         raise PreflensError(f"--losses: a loss is listed twice in {losses}")
+    loss_kwargs = dict(loss_kwargs or {})
+    for name, kw in loss_kwargs.items():
+        if name not in losses:
+            raise PreflensError(f"loss_kwargs for '{name}', which is not in --losses {losses}")
+        bad = sorted(set(kw) - set(loss_hparams(name)))
+        if bad:
+            raise PreflensError(f"loss '{name}' has no hyper-parameter(s) {bad}; it has {loss_hparams(name)}")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise PreflensError(f"{out}: exists and is not empty; pass a new --output-dir")
+    configs = {
+        name: TrainConfig(
+            model=model,
+            data=data,
+            eval_data=eval_data,
+            loss=name,
+            output_dir=str(out / name),
+            loss_kwargs=dict(loss_kwargs.get(name, {})),
+            **train_kwargs,
+        )
+        for name in losses
+    }
+    for cfg in configs.values():  # every option checked before the first run starts
+        cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Path] = {}
-    for name in losses:
-        rd = out / name
-        cfg = TrainConfig(
-            model=model, data=data, eval_data=eval_data, loss=name, output_dir=str(rd), **train_kwargs
-        )
-        train(cfg)
+    for name, cfg in configs.items():
+        m, tok = model_factory() if model_factory is not None else (None, None)
+        cbs = list(callbacks_factory(name)) if callbacks_factory is not None else []
+        rd = train(cfg, model=m, tokenizer=tok, callbacks=cbs)
         generate_report(rd)
-        runs[name] = rd
+        runs[name] = Path(rd)
     return compare_runs(runs, out, title=f"preflens compare: {', '.join(losses)}")
