@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "rft",
     "report",
     "compare",
+    "demo",
     "make_data",
     "ches",
     "displacement",

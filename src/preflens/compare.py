@@ -233,10 +233,16 @@ def comparison_findings(summaries: list[RunSummary]) -> list[Finding]:
 
 
 def compare_runs(
-    runs: dict[str, str | Path], output_dir: str | Path, *, title: str = "preflens compare"
+    runs: dict[str, str | Path],
+    output_dir: str | Path,
+    *,
+    title: str = "preflens compare",
+    filename: str = "compare.html",
+    extra_findings: Sequence[Finding] = (),
 ) -> Path:
-    """Draw the runs' trajectories side by side into OUTPUT/plots and write OUTPUT/compare.html.
-    Each run also gets its own report.html (written if missing)."""
+    """Draw the runs' trajectories side by side into OUTPUT/plots and write OUTPUT/<filename>.
+    Each run also gets its own report.html (written if missing). `extra_findings` are listed after
+    the per-loss lines (the demo adds each run's diagnosis)."""
     if not runs:
         raise PreflensError("compare: no runs to compare")
     out = Path(output_dir)
@@ -253,13 +259,13 @@ def compare_runs(
     ]
     page = render_html(
         title,
-        comparison_findings(summaries),
+        comparison_findings(summaries) + list(extra_findings),
         figs,
         None,
         sections=sections,
         extra_html=_table_html(summaries, out),
     )
-    path = out / "compare.html"
+    path = out / filename
     path.write_text(page)
     return path
 
