@@ -295,8 +295,22 @@ def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
             if bool(sel.any()):
                 flat = g.seg[sel] * (c1 - c0) + (ids[sel] - c0)  # type: ignore[index]
                 gc.view(n * (c1 - c0), q).index_add_(0, flat, g.b[sel].to(dtype))  # type: ignore[index]
-        flat_g = gc.reshape(n, -1)
-        out += flat_g @ flat_g.T
+        out += _row_gram(gc.reshape(n, -1)).to(dtype)
+    return out
+
+
+def _row_gram(g: Tensor, chunk: int = 4096) -> Tensor:
+    """g g^T for [N, K] rows with K up to billions: one fp32 reduction over all of K loses ~1e-4
+    relative accuracy (sqrt(K) eps), so K is cut into chunks reduced in g's dtype and summed in fp64."""
+    n, k = g.shape
+    main = (k // chunk) * chunk
+    out = torch.zeros(n, n, dtype=torch.float64, device=g.device)
+    if main:
+        blocks = g[:, :main].reshape(n, main // chunk, chunk).transpose(0, 1)  # [K/c, N, c]
+        out += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if main < k:
+        rest = g[:, main:]
+        out += (rest @ rest.T).double()
     return out
 
 
@@ -307,7 +321,7 @@ def _param_gram(st: _ParamState, n: int, strategy: Strategy, dtype: torch.dtype)
             "sequence_gram does not handle this sharing"
         )
     if st.vector is not None:
-        return st.vector @ st.vector.T
+        return _row_gram(st.vector).to(dtype)
     groups = _group(st.outers, dtype)
     q = groups[0].q
     if strategy == "ghost":

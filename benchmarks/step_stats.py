@@ -1,0 +1,119 @@
+"""Cost of per-step entanglement statistics gathered inside a training step (`--step-entanglement`).
+
+DESIGN.md target: a training step that also yields the batch's entanglement statistics (the
+[2B, 2B] Gram of the log-prob gradients, inner products, norms, cosines, conditions) costs at most
+1.3x a plain step. The plain step: one forward over chosen+rejected (`sequence_logps`), the DPO loss,
+backward, AdamW step. The measured step: the same inside `preflens.probes.StepEntanglement` (module
+hooks on the same forward and backward; `gram.StepGramCapture`), plus the statistics.
+
+Times are interleaved in one process (plain, stats, plain, stats, ...), medians over --repeats after
+a warm-up; on CPU the process CPU time is the ratio's measure (wall time printed beside it).
+
+    python benchmarks/step_stats.py                       # CPU, the small Llama of benchmarks/gram.py
+    python benchmarks/step_stats.py --device cuda --config 1b --dtype bfloat16 --pairs 8 \
+        --prompt-len 256 --response-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gram import CONFIGS, _build, _sync  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--response-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from preflens.logprobs import pair_logps_from_batch, sequence_logps
+    from preflens.losses import get_loss
+    from preflens.probes import StepEntanglement
+
+    torch.set_num_threads(args.threads)
+    model, ids, att, rm = _build(args)
+    model.train()
+    b = args.pairs
+    with torch.no_grad():
+        ref_lp = sequence_logps(model, ids, att, rm).logps
+    ref = (ref_lp[:b] - 0.1, ref_lp[b:] + 0.1)
+    loss_fn = get_loss("dpo")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-7)
+    batch = {"input_ids": ids, "attention_mask": att, "response_mask": rm}
+    se = StepEntanglement(loss_fn)
+    last: dict[str, Any] = {}
+
+    def plain() -> None:
+        seq = sequence_logps(model, ids, att, rm)
+        loss_fn(pair_logps_from_batch(seq, ref)).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def with_stats() -> None:
+        with se.capture(model, batch):
+            seq = sequence_logps(model, ids, att, rm)
+            pair = pair_logps_from_batch(seq, ref)
+            se.watch(seq.logps, pair)
+            loss_fn(pair).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last.update(se.pop_metrics())
+
+    fns = {"plain": plain, "stats": with_stats}
+    for f in fns.values():
+        f()
+    wall: dict[str, list[float]] = {m: [] for m in fns}
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(args.repeats):
+        for m, f in fns.items():
+            _sync(args.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            _sync(args.device)
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+    t = {m: {"wall": statistics.median(wall[m]), "cpu": statistics.median(cpu[m])} for m in fns}
+    key = "cpu" if args.device == "cpu" else "wall"
+    out = {
+        "setting": vars(args),
+        "torch": torch.__version__,
+        "times_s": t,
+        "stats_over_plain": t["stats"][key] / t["plain"][key],
+        "stats_over_plain_wall": t["stats"]["wall"] / t["plain"]["wall"],
+        "example_stats": last,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(
+        f"device={args.device} config={args.config} dtype={args.dtype} lora={args.lora or 'off'} "
+        f"pairs={b} tokens/seq<={args.prompt_len + args.response_len} threads={args.threads}"
+    )
+    print(f"{'step':<34}{'wall s':>10}{'cpu s':>10}")
+    print(f"{'plain DPO step':<34}{t['plain']['wall']:>10.4f}{t['plain']['cpu']:>10.4f}")
+    print(f"{'DPO step + entanglement stats':<34}{t['stats']['wall']:>10.4f}{t['stats']['cpu']:>10.4f}")
+    print(f"stats step / plain step = {out['stats_over_plain']:.2f} ({key} time; target <= 1.3)")
+    print("stats of the last step: " + ", ".join(f"{k}={v:.3g}" for k, v in last.items()))
+
+
+if __name__ == "__main__":
+    main()
