@@ -555,9 +555,13 @@ class Trainer:
                 prepare_run_dir(self.run_dir, overwrite=self.config.overwrite, resume=self.config.resume)
             except RunDirError as exc:
                 err = exc
-        acc.wait_for_everyone()
-        if err is not None:
-            raise err
+        msg = [str(err) if err is not None else None]
+        if acc.num_processes > 1:  # every process stops, not only the main one (others would hang)
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(msg)
+        if msg[0] is not None:
+            raise RunDirError(msg[0])
         if not self.run_dir.is_dir():
             raise RunDirError(
                 f"{self.run_dir}: not visible from process {acc.process_index} (a shared filesystem is needed)"
@@ -762,6 +766,11 @@ class Trainer:
                     f"{path}: its pairs do not match the data of this run (was --data or --eval-data changed "
                     "since the run started?); resume with the same data, or start a new run"
                 )
+        if ref is None and self.config.resume and not self._fresh_lora:
+            raise RunDirError(
+                f"{path}: missing, and the reference cannot be recomputed from the resumed (trained) model; "
+                "start a new run"
+            )
         if ref is None:
             t0 = time.perf_counter()
             ref = {
@@ -1160,8 +1169,9 @@ class Trainer:
             if self.mask_head is not None:
                 from safetensors.torch import save_file
 
+                head = acc.unwrap_model(self.mask_head)
                 save_file(
-                    {k: v.contiguous() for k, v in self.mask_head.state_dict().items()},
+                    {k: v.contiguous() for k, v in head.state_dict().items()},
                     str(final / "mask_head.safetensors"),
                 )
         acc.wait_for_everyone()
