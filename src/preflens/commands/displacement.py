@@ -79,6 +79,8 @@ def _result_dict(res: Any, prompt: str, chosen: str, rejected: str, warnings: li
         "chosen_fell": res.chosen_fell,
         "sign_agreement": res.sign_agreement,
         "rank_correlation": res.rank_correlation,
+        "p_chosen_trajectory": res.p_chosen,
+        "p_rejected_trajectory": res.p_rejected,
         "top_increase": [vars(t) for t in res.top_increase],
         "warnings": warnings,
     }
