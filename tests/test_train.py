@@ -395,3 +395,13 @@ def test_probe_options_attach_the_probe_callback(tmp_path):
     assert all("entanglement/cosine" in r for r in rows if r["split"] == "train")
     probes = pd.read_parquet(run / "probes.parquet")
     assert sorted(probes["step"].unique()) == [0, 1, 2] and probes["pair_id"].nunique() == 3
+
+
+@pytest.mark.parametrize("kw", [{"dtype": "bfloat16"}, {"mixed_precision": "bf16"}])
+def test_bf16_runs(tmp_path, kw):
+    model, tok = tiny()
+    if kw.get("dtype") == "bfloat16":
+        model = model.to(torch.bfloat16)  # what load_model(dtype="bfloat16") gives
+    run = train(config(tmp_path, steps=2, **kw), model=model, tokenizer=tok)
+    tr = [r for r in read_metrics(run) if r["split"] == "train"]
+    assert len(tr) == 2 and all(math.isfinite(r["loss"]) for r in tr)

@@ -954,7 +954,7 @@ class Trainer:
             b = batch["pair_index"].shape[0]
             local = self._pair_stats(scored, batch["pair_index"], tokens[:b] + tokens[b:])
             parts.append(acc.gather(local))
-        stats = torch.cat(parts)
+        stats = torch.cat(parts).cpu()  # one device-to-host copy; metrics are computed on the host
         col = {name: stats[:, i] for i, name in enumerate(_STAT_COLS)}
         if not torch.isfinite(col["loss"]).all():
             bad = col["pair_id"][~torch.isfinite(col["loss"])].long().tolist()
