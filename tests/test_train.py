@@ -405,3 +405,27 @@ def test_bf16_runs(tmp_path, kw):
     run = train(config(tmp_path, steps=2, **kw), model=model, tokenizer=tok)
     tr = [r for r in read_metrics(run) if r["split"] == "train"]
     assert len(tr) == 2 and all(math.isfinite(r["loss"]) for r in tr)
+
+
+def test_eval_file_epochs_and_length_grouping(tmp_path):
+    """--eval-data instead of a held-out share; --epochs sets the steps; grouped batches cover the data."""
+    model, tok = tiny()
+    data = write_pairs(tmp_path / "train.jsonl", n=12, seed=1)
+    ev = write_pairs(tmp_path / "eval.jsonl", n=3, seed=2)
+    seen = []
+
+    class Ids(TrainerCallback):
+        def on_step_end(self, trainer, state, batch_stats):
+            seen.append(sorted(batch_stats["per_pair"]["pair_id"].long().tolist()))
+
+    cfg = config(tmp_path, data=str(data), eval_data=str(ev), steps=None, epochs=2, group_by_length=True)
+    run = train(cfg, model=model, tokenizer=tok, callbacks=[Ids()])
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps_resolved"] == 6  # 2 epochs x 12 / 4
+    assert len(seen) == 6
+    assert sorted(sum(seen[:3], [])) == list(range(12)) and sorted(sum(seen[3:], [])) == list(range(12))
+    ev_rows = [r for r in read_metrics(run) if r["split"] == "eval"]
+    assert [r["n_pairs"] for r in ev_rows] == [3, 3]
+    pairs = pd.read_parquet(run / "pairs.parquet")
+    assert sorted(pairs.query("split == 'eval'")["pair_id"].unique()) == [0, 1, 2]
