@@ -4,7 +4,10 @@ DESIGN.md target: a training step that also yields the batch's entanglement stat
 [2B, 2B] Gram of the log-prob gradients, inner products, norms, cosines, conditions) costs at most
 1.3x a plain step. The plain step: one forward over chosen+rejected (`sequence_logps`), the DPO loss,
 backward, AdamW step. The measured step: the same inside `preflens.probes.StepEntanglement` (module
-hooks on the same forward and backward; `gram.StepGramCapture`), plus the statistics.
+hooks on the same forward and backward; `gram.StepGramCapture`), plus the statistics. By default the
+hooks also write the weight gradients (the sum of the per-sequence gradients they build anyway) and
+autograd skips them, as `preflens train --step-entanglement` does on one process; `--no-fuse`
+measures the DDP setting, where autograd's own gradients are kept.
 
 Times are interleaved in one process (plain, stats, plain, stats, ...), medians over --repeats after
 a warm-up; on CPU the process CPU time is the ratio's measure (wall time printed beside it).
@@ -39,6 +42,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lora", type=int, default=0)
+    ap.add_argument(
+        "--no-fuse", action="store_true", help="let autograd compute the weight gradients too (as under DDP)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -59,7 +65,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-7)
     batch = {"input_ids": ids, "attention_mask": att, "response_mask": rm}
-    se = StepEntanglement(loss_fn)
+    se = StepEntanglement(loss_fn, fuse_grads=not args.no_fuse)
     last: dict[str, Any] = {}
 
     def plain() -> None:
@@ -106,7 +112,8 @@ def main() -> None:
         return
     print(
         f"device={args.device} config={args.config} dtype={args.dtype} lora={args.lora or 'off'} "
-        f"pairs={b} tokens/seq<={args.prompt_len + args.response_len} threads={args.threads}"
+        f"pairs={b} tokens/seq<={args.prompt_len + args.response_len} threads={args.threads} "
+        f"fused weight grads={not args.no_fuse}"
     )
     print(f"{'step':<34}{'wall s':>10}{'cpu s':>10}")
     print(f"{'plain DPO step':<34}{t['plain']['wall']:>10.4f}{t['plain']['cpu']:>10.4f}")

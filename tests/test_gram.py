@@ -190,19 +190,28 @@ def test_functional_use_is_detected() -> None:
         sequence_gram(model, ids, att, rm)
 
 
-def test_step_capture_recovers_logprob_gram() -> None:
-    """Inside an ordinary training backward of sum_s c_s logp_s, Gram_L / (c c^T) is the log-prob Gram."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_step_capture_recovers_logprob_gram(fuse: bool) -> None:
+    """Inside an ordinary training backward of sum_s c_s logp_s, Gram_L / (c c^T) is the log-prob Gram;
+    with fused weight gradients the parameters' .grad equal an ordinary backward's."""
+    import copy
+
     model = tiny_llama(tied=True, bias=True)
+    twin = copy.deepcopy(model)
     ids, att, rm = ragged_batch()
     ref = loop_gram(model, ids, att, rm)
     c = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.3, 1.5])
-    cap = StepGramCapture(model, att, rm)
+    (c * sequence_logps(twin, ids, att, rm).logps).sum().backward()
+    cap = StepGramCapture(model, att, rm, fuse_grads=fuse)
     with cap:
         lp = sequence_logps(model, ids, att, rm).logps
         cap.watch(lp)
         (c * lp).sum().backward()
     assert rel_err(cap.result(), ref) < 1e-4
-    assert all(p.grad is not None for p in model.parameters())  # the trainer's gradients are intact
+    assert all(p.requires_grad for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None, name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_token_gram_matches_per_token_loop() -> None:

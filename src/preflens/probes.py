@@ -151,9 +151,10 @@ class StepEntanglement:
     the micro-batch's `EntanglementStats` (pairs whose loss weight is 0 come out NaN).
     """
 
-    def __init__(self, loss_fn: LossFn, reduction: str = "mean") -> None:
+    def __init__(self, loss_fn: LossFn, reduction: str = "mean", fuse_grads: bool = False) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
+        self.fuse_grads = fuse_grads
         self._checked = False
         self.cap: Any = None
         self.pair: PairLogps | None = None
@@ -163,7 +164,11 @@ class StepEntanglement:
         from preflens.diagnostics.gram import StepGramCapture
 
         self.cap = StepGramCapture(
-            model, batch["attention_mask"], batch["response_mask"], check_graph=not self._checked
+            model,
+            batch["attention_mask"],
+            batch["response_mask"],
+            check_graph=not self._checked,
+            fuse_grads=self.fuse_grads,
         )
         outer = self
 
@@ -187,6 +192,8 @@ class StepEntanglement:
 
     def _finish(self) -> None:
         if self.pair is None or self.cap.c is None:
+            self.cap.cap.finish()  # with fused weight gradients, this writes the remaining ones
+            self.pair = None
             return
         gram = self.cap.result()
         self.collected.append(entanglement_from_gram(gram, self.pair, self.loss_fn, reduction=self.reduction))  # type: ignore[arg-type]
@@ -233,7 +240,19 @@ class ProbeCallback(TrainerCallback):
         from preflens.data.collate import collate_pairs
 
         if self.step is not None:
-            StepEntanglement.__init__(self.step, trainer.loss_fn)
+            from preflens.losses import TOKEN_LEVEL_LOSSES
+
+            if trainer.config.loss in TOKEN_LEVEL_LOSSES or trainer.mask_head is not None:
+                from preflens.errors import PreflensError
+
+                raise PreflensError(
+                    f"--step-entanglement needs a loss of the summed log-probs; '{trainer.config.loss}' weighs "
+                    "tokens individually (use --probe-every for its sentence-level statistics)"
+                )
+            # one process: the hooks write the weight gradients (no duplicate work); DDP syncs
+            # autograd's own gradients, so there the statistics are computed beside them
+            fuse = trainer.accelerator.num_processes == 1
+            StepEntanglement.__init__(self.step, trainer.loss_fn, fuse_grads=fuse)
         if self.every <= 0 or self.pairs <= 0:
             return
         split = "eval" if trainer.eval_items else "train"

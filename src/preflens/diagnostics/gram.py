@@ -52,6 +52,7 @@ Two drivers share the hook machinery (`GramCapture`):
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ Strategy = Literal["auto", "ghost", "materialize"]
 # >0 while `sequence_gram` runs its own forward/backward: a `StepGramCapture` around a training
 # step then ignores that pass (e.g. the gradient norms of the `normalized` loss inside the step).
 _STANDALONE = [0]
+
+# Norm modules already checked to be elementwise-affine in their weight ("zero": f(x; w=0, b=0) = 0).
+_NORM_FORM: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 # Largest intermediate (elements) built at once: ghost [rows_s, rows_t] blocks and materialized
 # [N, chunk, q] per-sequence gradient slices. 2^24 fp32 elements = 64 MiB.
@@ -272,8 +276,11 @@ def _pad(o: _Outer, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return a_pad, b_pad
 
 
-def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
-    """Build the per-sequence gradients [N, p, q] in slices of p rows and accumulate their Gram."""
+def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype, grad: Tensor | None = None) -> Tensor:
+    """Build the per-sequence gradients [N, p, q] in slices of p rows and accumulate their Gram.
+
+    With `grad` ([p, q]), also add their sum over sequences to it: the ordinary weight gradient.
+    """
     p, q = groups[0].p, groups[0].q
     hot = [g.flat(dtype) for g in groups if g.ids is not None]
     padded = [_pad(g, n, dtype) for g in groups if g.ids is None]
@@ -296,10 +303,12 @@ def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
                 flat = g.seg[sel] * (c1 - c0) + (ids[sel] - c0)  # type: ignore[index]
                 gc.view(n * (c1 - c0), q).index_add_(0, flat, g.b[sel].to(dtype))  # type: ignore[index]
         out += _row_gram(gc.reshape(n, -1)).to(dtype)
+        if grad is not None:
+            grad[c0:c1] += gc.sum(0).to(grad.dtype)
     return out
 
 
-def _row_gram(g: Tensor, chunk: int = 4096) -> Tensor:
+def _row_gram(g: Tensor, chunk: int = 16384) -> Tensor:
     """g g^T for [N, K] rows with K up to billions: one fp32 reduction over all of K loses ~1e-4
     relative accuracy (sqrt(K) eps), so K is cut into chunks reduced in g's dtype and summed in fp64."""
     n, k = g.shape
@@ -314,13 +323,29 @@ def _row_gram(g: Tensor, chunk: int = 4096) -> Tensor:
     return out
 
 
-def _param_gram(st: _ParamState, n: int, strategy: Strategy, dtype: torch.dtype) -> Tensor:
+def _summed_grad(groups: list[_Outer], grad: Tensor, dtype: torch.dtype) -> None:
+    """grad += sum over all rows of a_r b_r^T (the ordinary weight gradient), no per-sequence split."""
+    for g in groups:
+        if g.ids is not None:
+            grad.index_add_(0, g.ids, g.b.to(grad.dtype))  # type: ignore[arg-type,union-attr]
+        elif g.grid is not None:
+            a, b = g.grid
+            grad += (a.reshape(-1, g.p).to(dtype).T @ b.reshape(-1, g.q).to(dtype)).to(grad.dtype)
+        else:
+            grad += (g.a.T @ g.b).to(grad.dtype)  # type: ignore[union-attr]
+
+
+def _param_gram(
+    st: _ParamState, n: int, strategy: Strategy, dtype: torch.dtype, grad: Tensor | None = None
+) -> Tensor:
     if st.vector is not None and st.outers:
         raise GramError(
             f"parameter '{st.name}' is shared between a norm/bias and a matrix use; "
             "sequence_gram does not handle this sharing"
         )
     if st.vector is not None:
+        if grad is not None:
+            grad += st.vector.sum(0).reshape(grad.shape).to(grad.dtype)
         return _row_gram(st.vector).to(dtype)
     groups = _group(st.outers, dtype)
     q = groups[0].q
@@ -330,7 +355,11 @@ def _param_gram(st: _ParamState, n: int, strategy: Strategy, dtype: torch.dtype)
         use_ghost = False
     else:
         use_ghost = _ghost_cost(groups, q) < _materialize_cost(groups, q, n)
-    return _ghost(groups, n, dtype) if use_ghost else _materialize(groups, n, dtype)
+    if use_ghost:
+        if grad is not None:
+            _summed_grad(groups, grad, dtype)
+        return _ghost(groups, n, dtype)
+    return _materialize(groups, n, dtype, grad.view(groups[0].p, q) if grad is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +427,7 @@ class GramCapture:
         strategy: Strategy = "auto",
         compute_dtype: torch.dtype = torch.float32,
         anchor: bool = False,
+        fuse_grads: bool = False,
     ) -> None:
         if strategy not in ("auto", "ghost", "materialize"):
             raise GramError(f"strategy must be 'auto', 'ghost' or 'materialize', got {strategy!r}")
@@ -421,9 +451,10 @@ class GramCapture:
         self.handles: list[Any] = []
         self.uses: dict[int, int] = defaultdict(int)
         self._busy = False
-        self._verified_norms: set[int] = set()
         self.anchor = None
-        self.use_anchor = anchor
+        self.use_anchor = anchor  # standalone: this capture drives its own activation-only backward
+        self.fuse_grads = fuse_grads
+        self._saved_rg: list[tuple[nn.Parameter, bool]] = []
         self._plan()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -457,7 +488,13 @@ class GramCapture:
             )
 
     def __enter__(self) -> GramCapture:
-        if self.use_anchor:
+        if self.fuse_grads:
+            # Autograd computes no weight gradient for these; the hooks write it (the sum of the
+            # per-sequence gradients they build anyway). The anchor keeps activations differentiable.
+            self._saved_rg = [(p, p.requires_grad) for _, p in self.selected.values()]
+            for p, _ in self._saved_rg:
+                p.requires_grad_(False)
+        if self.use_anchor or self.fuse_grads:
             emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             if emb is None:
                 raise GramError("sequence_gram needs a model with get_input_embeddings() (a causal LM)")
@@ -477,6 +514,9 @@ class GramCapture:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for p, rg in self._saved_rg:
+            p.requires_grad_(rg)
+        self._saved_rg = []
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -487,6 +527,8 @@ class GramCapture:
 
     def _anchor_hook(self, module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
         if self._busy or self._in_backward() or not torch.is_grad_enabled():
+            return None
+        if not self.use_anchor and _STANDALONE[0] > 0:
             return None
         self.anchor = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
         return out + self.anchor
@@ -644,24 +686,26 @@ class GramCapture:
         if isinstance(bias, torch.Tensor):
             pdict["bias"] = torch.zeros_like(bias)
             zdict["bias"] = torch.zeros_like(bias)
+        verified = _NORM_FORM.get(m)
         self._busy = True
         try:
             with torch.no_grad():
                 f1 = torch.func.functional_call(m, pdict, (x,))
-                f0 = torch.func.functional_call(m, zdict, (x,))
-                if id(m) not in self._verified_norms:
+                # f0 = f(x; w=0, b=0) is 0 for Llama/LayerNorm-style norms: computed once to check
+                f0 = None if verified == "zero" else torch.func.functional_call(m, zdict, (x,))
+                if verified is None:
                     y = call.y
-                    rebuilt = f0 + (f1 - f0) * w + (bias if isinstance(bias, torch.Tensor) else 0)
+                    rebuilt = f0 + (f1 - f0) * w + (bias if isinstance(bias, torch.Tensor) else 0)  # type: ignore[operator]
                     tol = 1e-2 if y.dtype in (torch.float16, torch.bfloat16) else 1e-4  # type: ignore[union-attr]
                     if not torch.allclose(rebuilt.float(), y.float(), rtol=tol, atol=tol):  # type: ignore[union-attr]
                         raise GramError(
                             f"{type(m).__name__}: output is not elementwise-affine in its weight "
                             "(y = c(x) + w * n(x) + b); its per-sequence gradient is not supported"
                         )
-                    self._verified_norms.add(id(m))
+                    _NORM_FORM[m] = "zero" if not bool(f0.any()) else "affine"  # type: ignore[union-attr]
         finally:
             self._busy = False
-        nx = f1 - f0
+        nx = f1 if f0 is None else f1 - f0
         for _, p in call.params:
             st = self.states[id(p)]
             contrib = d.to(self.dtype) * nx.to(self.dtype) if p is w else d
@@ -670,8 +714,15 @@ class GramCapture:
     def _flush(self, st: _ParamState) -> None:
         if st.vector is None and not st.outers:
             return
-        self.gram += _param_gram(st, self.n, self.strategy, self.dtype)
+        grad = (
+            torch.zeros(st.param.shape, dtype=self.dtype, device=st.param.device) if self.fuse_grads else None
+        )
+        self.gram += _param_gram(st, self.n, self.strategy, self.dtype, grad)
         st.outers, st.vector = [], None
+        if grad is not None:
+            p = st.param
+            g = grad.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
 
     def finish(self) -> Tensor:
         """Process parameters whose calls did not all receive a gradient (their other uses had none)."""
@@ -815,6 +866,11 @@ class StepGramCapture:
             cap.watch(seq.logps)          # graph check + hook for c = dL/dlogp
             loss = ...; loss.backward()   # the trainer's ordinary backward (weight grads as usual)
         gram = cap.result()               # [N, N] Gram of the log-prob gradients
+
+    `fuse_grads=True` (single process only): autograd skips the weight gradients of the selected
+    parameters and the hooks write them (p.grad += sum_s G_s, exactly the ordinary gradient), so
+    the per-sequence gradients the statistics need replace that work instead of adding to it. Not
+    for DDP/FSDP, whose gradient synchronisation hooks on autograd's weight gradients.
     """
 
     def __init__(
@@ -825,8 +881,9 @@ class StepGramCapture:
         params: Iterable[str | nn.Parameter] | None = None,
         *,
         check_graph: bool = True,
+        fuse_grads: bool = False,
     ) -> None:
-        self.cap = GramCapture(model, attention_mask, response_mask.bool(), params)
+        self.cap = GramCapture(model, attention_mask, response_mask.bool(), params, fuse_grads=fuse_grads)
         self.c: Tensor | None = None
         self._check = check_graph
 
