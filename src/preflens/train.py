@@ -450,6 +450,27 @@ def _is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _through_forward(model: Any) -> Any:
+    """`model` behind a module without `config`, so `sequence_logps` calls the model's own forward.
+
+    Under DDP, FSDP or DeepSpeed the wrapper's forward does work that calling the decoder and the
+    lm_head directly would skip (DDP: preparing the gradient all-reduce; FSDP/ZeRO-3: gathering
+    sharded parameters). The price is the model's full-vocabulary logits instead of the response-only
+    unembedding of the single-process path.
+    """
+    import torch
+
+    class ThroughForward(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            object.__setattr__(self, "inner", inner)  # not a submodule: no second registration
+
+        def forward(self, **kwargs: Any) -> Any:
+            return self.inner(**kwargs)
+
+    return ThroughForward(model)
+
+
 @dataclass
 class _Scored:
     """Per-pair statistics of a batch (local to this process)."""
@@ -675,13 +696,34 @@ class Trainer:
 
     # -- reference and evaluation passes --------------------------------------------------------
 
+    def _distributed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type != DistributedType.NO
+
+    def _forward_module(self) -> Any:
+        """What `sequence_logps` runs: the bare model in one process (the lean path), else the wrapped
+        model through its own forward (`_through_forward`)."""
+        if self._distributed():
+            return _through_forward(self.model)
+        return self.accelerator.unwrap_model(self.model)
+
     def _eval_batches(self, items: Sequence[Any]) -> list[list[Any]]:
-        """Fixed batches for no-grad passes: sorted by length (little padding), this process's share."""
+        """Fixed batches for no-grad passes: sorted by length (little padding), this process's share.
+
+        Every process runs the same number of forwards (the last batch repeated where the shares are
+        uneven; results are keyed by pair id, so the repeat is harmless): FSDP and ZeRO-3 forwards are
+        collectives that all processes must enter.
+        """
         size = self.config.eval_batch_size or self.config.batch_size
         ordered = sorted(items, key=lambda it: (it.length, it.pair_id))
         batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
         acc = self.accelerator
-        return batches[acc.process_index :: acc.num_processes]
+        mine = batches[acc.process_index :: acc.num_processes]
+        per = -(-len(batches) // acc.num_processes)
+        while batches and len(mine) < per:
+            mine.append(batches[-1])
+        return mine
 
     def _score_items(self, items: Sequence[Any], *, reference: bool) -> dict[int, dict[str, Any]]:
         """No-grad per-pair log-probs of `items` (all processes share the work, all get the result)."""
@@ -692,6 +734,7 @@ class Trainer:
         from preflens.logprobs import sequence_logps
 
         model = self.accelerator.unwrap_model(self.model)
+        runner = self._forward_module()
         was_training = model.training
         model.eval()
         out: dict[int, dict[str, Any]] = {}
@@ -703,7 +746,7 @@ class Trainer:
                     batch = collate_pairs(chunk, self.tokenizer.pad_token_id)
                     batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                     seq = sequence_logps(
-                        model,
+                        runner,
                         batch["input_ids"],
                         batch["attention_mask"],
                         batch["response_mask"],
@@ -844,9 +887,7 @@ class Trainer:
 
             with self.accelerator.autocast():
                 norms = sequence_grad_norms(self.accelerator.unwrap_model(self.model), ids, am, rm)
-        model = (
-            self.model if self.accelerator.num_processes > 1 else self.accelerator.unwrap_model(self.model)
-        )
+        model = self._forward_module()
         with self.accelerator.autocast():
             seq = sequence_logps(
                 model, ids, am, rm, return_tokens=self.needs_tokens, return_hidden=self.mask_head is not None
