@@ -153,9 +153,9 @@ class _Outer:
         a, b = self.grid
         act = self.active
         return _Outer(
-            a=a[act].to(dtype),  # type: ignore[index]
+            a=_mm(a[act], dtype),  # type: ignore[index]
             ids=None,
-            b=b[act].to(dtype),  # type: ignore[index]
+            b=_mm(b[act], dtype),  # type: ignore[index]
             seg=act.nonzero(as_tuple=True)[0],  # type: ignore[union-attr]
             p=self.p,
             q=self.q,
@@ -187,6 +187,23 @@ class _ParamState:
 
 # ---------------------------------------------------------------------------------------------
 # Gram of one parameter from its parts
+
+
+def _mm(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Operand dtype for the Gram's matmuls: half-precision CUDA tensors stay as they are (tensor cores,
+    fp32 accumulation inside the matmul; results are cast to `dtype` before anything is summed), the
+    rest is cast to `dtype` (float32 by default; half-precision matmuls are slow on CPUs)."""
+    if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16):
+        return t
+    return t.to(dtype)
+
+
+def _matmul_t(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """x y^T in `dtype` (operands of different dtypes, e.g. a tied embedding's float32 part and a
+    bfloat16 head part, are both cast)."""
+    if x.dtype != y.dtype:
+        x, y = x.to(dtype), y.to(dtype)
+    return (x @ y.T).to(dtype)
 
 
 def _concat(parts: list[_Outer], dtype: torch.dtype) -> _Outer:
@@ -242,15 +259,15 @@ def _ghost(groups: list[_Outer], n: int, dtype: torch.dtype) -> Tensor:
             step = max(1, _BLOCK_ELEMS // max(1, m.rows))
             for r0 in range(0, k.rows, step):
                 r1 = min(k.rows, r0 + step)
-                bb = k.b[r0:r1] @ m.b.T  # type: ignore[index,union-attr]
+                bb = _matmul_t(k.b[r0:r1], m.b, dtype)  # type: ignore[index,arg-type]
                 if k.ids is None and m.ids is None:
-                    aa = k.a[r0:r1] @ m.a.T  # type: ignore[index,union-attr]
+                    aa = _matmul_t(k.a[r0:r1], m.a, dtype)  # type: ignore[index,arg-type]
                 elif k.ids is not None and m.ids is not None:
                     aa = (k.ids[r0:r1, None] == m.ids[None, :]).to(dtype)
                 elif k.ids is not None:  # <onehot(id_i), a_j> = a_j[id_i]
-                    aa = m.a[:, k.ids[r0:r1]].T  # type: ignore[index]
+                    aa = m.a[:, k.ids[r0:r1]].T.to(dtype)  # type: ignore[index]
                 else:
-                    aa = k.a[r0:r1][:, m.ids]  # type: ignore[index]
+                    aa = k.a[r0:r1][:, m.ids].to(dtype)  # type: ignore[index]
                 out += _seg_reduce(aa * bb, k.seg[r0:r1], m.seg, n)  # type: ignore[index,arg-type]
     return out
 
@@ -261,7 +278,7 @@ def _pad(o: _Outer, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         a, b = o.grid
         cols = o.active.any(0).nonzero()  # type: ignore[union-attr]
         t = int(cols.max()) + 1 if cols.numel() else 0  # later positions carry no gradient
-        return a[:, :t].to(dtype), b[:, :t].to(dtype)
+        return _mm(a[:, :t], dtype), _mm(b[:, :t], dtype)
     seg = o.seg
     if o.rows > 1 and not bool((seg[1:] >= seg[:-1]).all()):  # type: ignore[index]
         idx = torch.argsort(seg, stable=True)  # type: ignore[arg-type]
@@ -271,8 +288,8 @@ def _pad(o: _Outer, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(o.rows, device=seg.device) - starts[seg]  # type: ignore[union-attr,index]
     longest = int(counts.max()) if o.rows else 0
-    a_pad = o.b.new_zeros(n, longest, o.p, dtype=dtype).index_put_((seg, pos), o.a.to(dtype))  # type: ignore[union-attr,arg-type]
-    b_pad = o.b.new_zeros(n, longest, o.q, dtype=dtype).index_put_((seg, pos), o.b.to(dtype))  # type: ignore[union-attr,arg-type]
+    a_pad = o.b.new_zeros(n, longest, o.p, dtype=o.a.dtype).index_put_((seg, pos), o.a)  # type: ignore[union-attr,arg-type]
+    b_pad = o.b.new_zeros(n, longest, o.q, dtype=o.b.dtype).index_put_((seg, pos), o.b)  # type: ignore[union-attr,arg-type]
     return a_pad, b_pad
 
 
@@ -291,9 +308,9 @@ def _materialize(groups: list[_Outer], n: int, dtype: torch.dtype, grad: Tensor 
         c1 = min(p, c0 + step)
         if padded:
             a_pad, b_pad = padded[0]
-            gc = torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad)
+            gc = torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad).to(dtype)
             for a_pad, b_pad in padded[1:]:
-                gc += torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad)
+                gc += torch.bmm(a_pad[:, :, c0:c1].transpose(1, 2), b_pad).to(dtype)
         else:
             gc = torch.zeros(n, c1 - c0, q, dtype=dtype, device=dev)
         for g in hot:
@@ -665,7 +682,7 @@ class GramCapture:
                 active=self.active,
             )
         return _Outer(
-            a=a.to(self.dtype), ids=None, b=b.to(self.dtype), seg=call.seg, p=p, q=q, rows=a.shape[0]
+            a=_mm(a, self.dtype), ids=None, b=_mm(b, self.dtype), seg=call.seg, p=p, q=q, rows=a.shape[0]
         )
 
     def _add_vector(self, st: _ParamState, v: Tensor) -> None:
