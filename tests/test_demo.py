@@ -1,0 +1,127 @@
+"""`preflens demo`: the quick budget on a tiny saved model (fast) and on the embedded model (slow)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check_html_images(page: str) -> int:
+    """Every <img> is a non-empty base64 PNG that PIL decodes; returns how many."""
+    from PIL import Image
+
+    srcs = re.findall(r"<img[^>]*src='([^']*)'", page)
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True))).load()
+    return len(srcs)
+
+
+def test_demo_quick_on_a_tiny_model(tmp_path, tiny_dir, one_thread, capsys):
+    from preflens.demo import run_demo
+
+    out = tmp_path / "demo"
+    page = run_demo(out, quick=True, model=str(tiny_dir), progress=False)
+    assert page == out / "report.html"
+    assert f"report: {page.resolve()}" in capsys.readouterr().out.replace("\n", "")
+    for f in (
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "data/train_ches_filtered.jsonl",
+        "ches_scores.parquet",
+        "dpo/metrics.jsonl",
+        "dpo/probes.parquet",
+        "dpo/report.html",
+        "dpo/ches_scores.parquet",
+        "normalized/metrics.jsonl",
+        "normalized/report.html",
+    ):
+        assert (out / f).is_file(), f
+    # CHES filtering dropped the top quarter (rounded) of the 6 train pairs
+    n_train = len((out / "data/train.jsonl").read_text().splitlines())
+    n_kept = len((out / "data/train_ches_filtered.jsonl").read_text().splitlines())
+    assert n_train == 6 and n_kept < n_train
+    assert _check_html_images(page.read_text()) == 2
+    dpo_page = (out / "dpo" / "report.html").read_text()
+    assert _check_html_images(dpo_page) >= 6
+    assert "Skipped: no probe rows" not in dpo_page and "Skipped: no CHES scores" not in dpo_page
+
+
+def test_demo_refuses_an_existing_directory(tmp_path):
+    from preflens.demo import run_demo
+    from preflens.errors import PreflensError
+
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(PreflensError, match="exists and is not empty"):
+        run_demo(tmp_path, quick=True)
+    with pytest.raises(PreflensError, match="--mitigation"):
+        run_demo(tmp_path / "new", mitigation="magic")
+    assert (tmp_path / "x").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_demo_quick_on_the_embedded_model_through_the_cli(tmp_path):
+    """`preflens demo --quick` as a user runs it: offline, the embedded model, the report path printed,
+    and the report rendered by headless Chromium where it is installed."""
+    import os
+    import sys
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    exe = shutil.which("preflens", path=os.path.dirname(sys.executable)) or "preflens"
+    res = subprocess.run(
+        [exe, "demo", "--quick", "--output-dir", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"report: {(out / 'report.html').resolve()}" in res.stdout.replace("\n", "")
+    assert _check_html_images((out / "dpo" / "report.html").read_text()) >= 6
+    if shutil.which("chromium"):
+        shot = tmp_path / "shot.png"
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--screenshot={shot}",
+                "--window-size=1200,2000",
+                (out / "report.html").resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        assert shot.stat().st_size > 20000
