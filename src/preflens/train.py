@@ -450,6 +450,34 @@ def _is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _lean_logps_module(model: Any) -> Any:
+    """A module whose forward is `sequence_logps(model, ...)` (the response-only unembedding).
+
+    Prepared for DDP *instead of* the model, DDP's forward (which arms the gradient all-reduce) runs
+    the lean path. Its state dict is the model's own (no prefix), so checkpoints look the same on one
+    process or many and resume across process counts.
+    """
+    import torch
+
+    from preflens.logprobs import sequence_logps
+
+    class LeanLogps(torch.nn.Module):
+        def __init__(self, lm: Any) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: Any, attention_mask: Any, response_mask: Any, **kw: Any) -> Any:
+            return sequence_logps(self.lm, input_ids, attention_mask, response_mask, **kw)
+
+        def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+            return self.lm.state_dict(*args, **kwargs)
+
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+            return self.lm.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return LeanLogps(model)
+
+
 def _through_forward(model: Any) -> Any:
     """`model` behind a module without `config`, so `sequence_logps` calls the model's own forward.
 
@@ -701,12 +729,25 @@ class Trainer:
 
         return self.accelerator.distributed_type != DistributedType.NO
 
+    def _ddp_like(self) -> bool:
+        """accelerate wraps the model in DistributedDataParallel (multi-GPU/CPU/XPU/..., not FSDP/DeepSpeed)."""
+        name = str(self.accelerator.distributed_type).split(".")[-1]
+        return name.startswith("MULTI_")
+
     def _forward_module(self) -> Any:
         """What `sequence_logps` runs: the bare model in one process (the lean path), else the wrapped
         model through its own forward (`_through_forward`)."""
-        if self._distributed():
+        if self._distributed() and getattr(self, "_ddp", None) is None:
             return _through_forward(self.model)
         return self.accelerator.unwrap_model(self.model)
+
+    def _policy_logps(self, ids: Any, am: Any, rm: Any, **kw: Any) -> Any:
+        """The policy forward of a training micro-batch (through DDP's lean wrapper when there is one)."""
+        from preflens.logprobs import sequence_logps
+
+        if self._ddp is not None:
+            return self._ddp(ids, am, rm, **kw)
+        return sequence_logps(self._forward_module(), ids, am, rm, **kw)
 
     def _eval_batches(self, items: Sequence[Any]) -> list[list[Any]]:
         """Fixed batches for no-grad passes: sorted by length (little padding), this process's share.
@@ -875,7 +916,7 @@ class Trainer:
         """Policy log-probs of a batch (one forward over chosen+rejected), its PairLogps and per-pair loss."""
         import torch
 
-        from preflens.logprobs import pair_logps_from_batch, sequence_logps
+        from preflens.logprobs import pair_logps_from_batch
 
         ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         pid = batch["pair_index"]
@@ -887,10 +928,9 @@ class Trainer:
 
             with self.accelerator.autocast():
                 norms = sequence_grad_norms(self.accelerator.unwrap_model(self.model), ids, am, rm)
-        model = self._forward_module()
         with self.accelerator.autocast():
-            seq = sequence_logps(
-                model, ids, am, rm, return_tokens=self.needs_tokens, return_hidden=self.mask_head is not None
+            seq = self._policy_logps(
+                ids, am, rm, return_tokens=self.needs_tokens, return_hidden=self.mask_head is not None
             )
         ref = self.ref_table[split][pid]
         ref_tokens = None
@@ -979,7 +1019,8 @@ class Trainer:
         for k in range(cfg.grad_accum):
             batch = next(self._batches)
             last = k == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or acc.num_processes == 1) else acc.no_sync(self.model)
+            wrapped = self._ddp if self._ddp is not None else self.model
+            sync = contextlib.nullcontext() if (last or acc.num_processes == 1) else acc.no_sync(wrapped)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(sync)
                 for cb in self.callbacks:
@@ -1279,19 +1320,29 @@ class Trainer:
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
+            # One fused kernel over all tensors (HF/TRL's default optimizer since torch 2.8): several times
+            # faster than the per-tensor loop torch picks on a CPU (BENCHMARKS.md). DeepSpeed/FSDP: unfused.
+            fused=acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
+            and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]),
         )
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
         self.scheduler = get_scheduler(
             cfg.scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=steps
         )
+        # Under DDP the module DDP wraps is `_lean_logps_module(model)`, so the policy forward keeps the
+        # response-only unembedding; `self.model` stays the bare model (probes, saving, no-grad passes).
+        self._ddp = None
+        lean = self._ddp_like()
+        first = _lean_logps_module(self.model) if lean else self.model
+        objs = [first] + ([self.mask_head] if self.mask_head is not None else [])
+        prepared = acc.prepare(*objs, self.optimizer, loader, self.scheduler)
         if self.mask_head is not None:
-            self.model, self.mask_head, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
-                self.model, self.mask_head, self.optimizer, loader, self.scheduler
-            )
+            self.mask_head = prepared[1]
+        self.optimizer, self.train_loader, self.scheduler = prepared[-3:]
+        if lean:
+            self._ddp = prepared[0]
         else:
-            self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
-                self.model, self.optimizer, loader, self.scheduler
-            )
+            self.model = prepared[0]
         acc.register_for_checkpointing(self.state)
 
         self.tracker = RunTracker(self.run_dir, acc)
