@@ -18,7 +18,9 @@ micro-batch; the prepared dataloader splits each global batch across the process
 (`split_batches=True`), so a run on N processes sees the same batches in the same order as a run on
 one, and DDP's gradient average over equal shards equals the single-process mean. Per-pair
 statistics are gathered across processes (`accelerator.gather`) before they are reduced to metrics;
-only the main process writes files.
+only the main process writes files. Under DDP, DDP wraps a small module whose forward *is*
+`sequence_logps`, so the lean path survives; under FSDP/DeepSpeed the log-probs come from the wrapped
+model's own forward (it gathers sharded parameters), at the cost of full-vocabulary logits.
 
 Exact resume: `checkpoints/step-N/` is an `accelerator.save_state` (model or adapter weights,
 optimizer, scheduler, RNG states, and the loop state: step, epoch, position within the epoch,
