@@ -40,16 +40,17 @@ MITIGATIONS = ("normalized", "bdpo", "ches", "rpo")
 class DemoBudget:
     """How much the demo does. The default keeps a 2-core CPU to about five minutes."""
 
-    sentiment_pairs: int = 16
+    sentiment_pairs: int = 8
     eval_pairs: int = 8
     use_bundled: bool = True
-    steps: int = 24
+    steps: int = 16
     batch_size: int = 4
     lr: float = 1e-3
     lora_rank: int = 8
-    eval_every: int = 6
-    probe_every: int = 6
+    eval_every: int = 4
+    probe_every: int = 8
     probe_pairs: int = 4
+    pairs_train_subset: int = 24
     max_length: int = 96
     ches_drop: float = 0.25
 
@@ -188,6 +189,7 @@ def run_demo(
         eval_every=budget.eval_every,
         probe_every=budget.probe_every,
         probe_pairs=budget.probe_pairs,
+        pairs_train_subset=budget.pairs_train_subset,
         max_length=budget.max_length,
         max_prompt_length=budget.max_length // 2,
         save_every=0,
