@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    # fused AdamW, as the trainer and TRL use: the per-tensor loop would add a large constant per step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
     loss_fn = get_loss("dpo", beta=0.1)
     sync = sync_fn(args.device)
     vocab = model.config.vocab_size

@@ -662,10 +662,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             row["MFU"] = fl / med / (args.peak_tflops * 1e12)
         rows.append(row)
+    rows_by = {r["contender"]: r for r in rows}
     print()
     print(format_table(rows))
-    if ref_s and "preflens" in results:
-        print(f"\npreflens / trl-precomputed speed ratio: {rows[0]['speed vs trl-precomputed']:.3f}x")
+    if ref_s:
+        print()
+        for row in rows:
+            if row["contender"].startswith("preflens"):
+                print(
+                    f"{row['contender']} vs trl-precomputed: {row['speed vs trl-precomputed']:.3f}x steps/s, "
+                    f"{row['step peak MB'] / max(rows_by['trl-precomputed']['step peak MB'], 1e-9):.2f}x step peak memory"
+                )
+        if "trl-live" in rows_by:
+            print(
+                f"trl-live vs trl-precomputed: {rows_by['trl-live']['speed vs trl-precomputed']:.3f}x steps/s"
+            )
     out = {
         "args": vars(args),
         "machine": info,
