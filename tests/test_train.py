@@ -429,3 +429,62 @@ def test_eval_file_epochs_and_length_grouping(tmp_path):
     assert [r["n_pairs"] for r in ev_rows] == [3, 3]
     pairs = pd.read_parquet(run / "pairs.parquet")
     assert sorted(pairs.query("split == 'eval'")["pair_id"].unique()) == [0, 1, 2]
+
+
+def test_dropped_rows_are_counted_and_interrupt_keeps_a_checkpoint(tmp_path):
+    rows = sentiment_pairs(20, seed=0, response_length=4)
+    rows[3]["rejected"] = rows[3]["chosen"]  # identical responses: invalid
+    del rows[7]["rejected"]
+    data = tmp_path / "with_bad_rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, trainer, state, batch_stats):
+            if state.step == 3:
+                raise KeyboardInterrupt
+
+    model, tok = tiny()
+    cfg = config(tmp_path, data=str(data), on_invalid="drop", steps=6, save_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=model, tokenizer=tok, callbacks=[CtrlC()])
+    run = tmp_path / "run"
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["train/load"]["rows_read"] == 20 and report["train/load"]["rows_kept"] == 18
+    assert sum(report["train/load"]["dropped"].values()) == 2
+    assert (run / "checkpoints" / "step-3").is_dir()
+    model, tok = tiny()
+    train(
+        config(tmp_path, data=str(data), on_invalid="drop", steps=6, save_every=0, resume=True),
+        model=model,
+        tokenizer=tok,
+    )
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_interrupt_inside_a_step_rewinds_it_and_resumes_exactly(tmp_path):
+    """Ctrl-C during step 4's second micro-batch: the checkpoint is step 3 with the data position and RNG
+    of step 4's start, so the resumed run ends with the parameters of an uninterrupted one."""
+    kw = dict(steps=6, grad_accum=2, lora_rank=4, lora_dropout=0.2, save_every=0)
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    a, tok = tiny()
+    train(config(tmp_path, data=str(data), output_dir=str(tmp_path / "a"), **kw), model=a, tokenizer=tok)
+
+    class CtrlC(TrainerCallback):
+        calls = 0
+
+        def on_logps(self, trainer, batch, seq, pair, per_pair_loss):
+            CtrlC.calls += 1
+            if CtrlC.calls == 8:
+                raise KeyboardInterrupt
+
+    b, tok = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, data=str(data), **kw), model=b, tokenizer=tok, callbacks=[CtrlC()])
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-3"]
+    c, tok = tiny()
+    train(config(tmp_path, data=str(data), resume=True, **kw), model=c, tokenizer=tok)
+    pa = dict(a.named_parameters())
+    for name, p in c.named_parameters():
+        assert torch.allclose(p, pa[name], atol=1e-6, rtol=0), name
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -1016,6 +1016,11 @@ class Trainer:
 
         acc = self.accelerator
         cfg = self.config
+        # Where this step starts (data position, RNG): an interrupt inside the step rewinds to it, so the
+        # checkpoint written on Ctrl-C resumes exactly.
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._step_start = (self.state.epoch, self.state.batch_in_epoch, torch.get_rng_state(), cuda_rng)
+        self._phase = "forward"
         self.model.train()
         parts = []
         for k in range(cfg.grad_accum):
@@ -1053,12 +1058,39 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.scheduler.get_last_lr()[0]
+        self._phase = "update"
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += int(col["tokens"].sum())
+        self._phase = "between"
         return {"stats": col, "grad_norm": grad_norm, "lr": lr}
+
+    def _on_interrupt(self, pending_row: dict[str, Any] | None) -> None:
+        """Ctrl-C: keep what the completed steps produced and checkpoint them, unless the interrupt hit
+        the parameter update itself (then the last checkpoint stays the one to resume)."""
+        import torch
+
+        state = self.state
+        if self._phase == "update":
+            self.say("interrupted during the parameter update: resume from the last checkpoint")
+            return
+        if self._phase == "forward":  # rewind the half-done step: data position, RNG, gradients
+            epoch, pos, rng, cuda_rng = self._step_start
+            # the micro-batch iterator has moved on: rebuild it at the step's start
+            state.epoch, state.batch_in_epoch = epoch, pos
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._batches = self._micro_batches()
+            self._phase = "between"
+        if pending_row is not None:
+            self.tracker.log(pending_row)
+        if state.step > 0 and self._last_saved != state.step:
+            path = self._save_checkpoint()
+            self.say(f"interrupted: saved {path}; continue with --resume")
 
     def _diverged(self, what: str) -> None:
         """Stop on NaN/inf: no update is applied; the last good state is checkpointed and kept."""
@@ -1325,7 +1357,11 @@ class Trainer:
             # One fused kernel over all tensors (HF/TRL's default optimizer since torch 2.8): several times
             # faster than the per-tensor loop torch picks on a CPU (BENCHMARKS.md). DeepSpeed/FSDP: unfused.
             fused=acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
-            and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]),
+            and all(
+                p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                for g in groups
+                for p in g["params"]
+            ),
         )
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
         self.scheduler = get_scheduler(
@@ -1383,6 +1419,8 @@ class Trainer:
             disable=not (cfg.progress and acc.is_main_process),
             dynamic_ncols=True,
         )
+        pending: dict[str, Any] | None = None
+        self._phase = "between"
         try:
             if state.step == 0:
                 self.evaluate()
@@ -1398,12 +1436,15 @@ class Trainer:
                     tokens=state.tokens,
                 )
                 batch_stats = {"per_pair": col, "metrics": metrics}
+                log_now = state.step % cfg.log_every == 0 or state.step == state.max_steps
+                pending = {"step": state.step, "split": "train", **metrics} if log_now else None
                 for cb in self.callbacks:
                     extra = cb.on_step_end(self, state, batch_stats)
                     if extra:
                         metrics.update(extra)
-                if state.step % cfg.log_every == 0 or state.step == state.max_steps:
+                if log_now:
                     self.tracker.log({"step": state.step, "split": "train", **metrics})
+                    pending = None
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
                                 acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)  # fmt: skip
@@ -1415,9 +1456,7 @@ class Trainer:
             if state.step == state.max_steps and self._last_saved != state.step:
                 self._save_checkpoint()
         except KeyboardInterrupt:
-            if state.step > 0 and self._last_saved != state.step:
-                path = self._save_checkpoint()
-                self.say(f"interrupted: saved {path}; continue with --resume")
+            self._on_interrupt(pending)
             raise
         finally:
             bar.close()
