@@ -228,3 +228,32 @@ def test_token_gram_matches_per_token_loop() -> None:
     G = torch.stack(rows)
     assert owner.shape == (G.shape[0], 2)
     assert rel_err(g, G @ G.T) < 1e-4
+
+
+def test_gpt2_conv1d_layernorm_and_shared_position_ids() -> None:
+    """GPT-2 (the paper's small model): Conv1D layers, LayerNorm with bias, tied wte, and a position
+    embedding called with [1, T] ids shared by all rows (its output is broadcast into every sequence)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg).eval()
+    ids, att, rm = ragged_batch()
+    ref = loop_gram(model, ids, att, rm)
+    for strategy in ("auto", "ghost", "materialize"):
+        assert rel_err(sequence_gram(model, ids, att, rm, strategy=strategy), ref) < 1e-4, strategy
+
+
+def test_embedding_padding_idx_gets_no_gradient() -> None:
+    """With a padding_idx, torch gives that embedding row no gradient even where the id occurs."""
+    cfg_model = tiny_llama(tied=False)
+    emb = cfg_model.model.embed_tokens
+    emb.padding_idx = 0
+    ids, att, rm = ragged_batch()
+    ids[:, 1] = 0  # the padding id inside real text (a prompt token of every row)
+    ref = loop_gram(cfg_model, ids, att, rm)
+    for strategy in ("ghost", "materialize"):
+        assert rel_err(sequence_gram(cfg_model, ids, att, rm, strategy=strategy), ref) < 1e-4, strategy

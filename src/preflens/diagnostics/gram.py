@@ -469,6 +469,7 @@ class GramCapture:
         self.uses: dict[int, int] = defaultdict(int)
         self._busy = False
         self.anchor = None
+        self.anchors: list[Tensor] = []
         self.use_anchor = anchor  # standalone: this capture drives its own activation-only backward
         self.fuse_grads = fuse_grads
         self._saved_rg: list[tuple[nn.Parameter, bool]] = []
@@ -548,11 +549,12 @@ class GramCapture:
         if not self.use_anchor and _STANDALONE[0] > 0:
             return None
         self.anchor = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+        self.anchors.append(self.anchor)
         return out + self.anchor
 
     def _fwd(
         self, module: nn.Module, kind: str, own: list[tuple[str, nn.Parameter]], args: Any, out: Any
-    ) -> None:
+    ) -> Tensor | None:
         if self._busy or self._in_backward() or not torch.is_grad_enabled():
             return
         if not self.use_anchor and _STANDALONE[0] > 0:  # a sequence_gram pass inside a training step
@@ -560,6 +562,14 @@ class GramCapture:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             raise GramError(f"{type(module).__name__}: expected a tensor positional input and output")
         x = args[0]
+        replaced = None
+        if kind == "embedding" and (self.use_anchor or self.fuse_grads):
+            # Every embedding output gets a zero anchor: a branch that does not depend on the input
+            # embeddings (position embeddings) must lie on the path the activation-only backward takes
+            # (and be differentiable when autograd skips the weight gradients).
+            a = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            self.anchors.append(a)
+            out = replaced = out + a
         if not out.requires_grad:
             raise GramError(
                 f"{type(module).__name__} output does not require grad although its parameters are selected: "
@@ -567,6 +577,13 @@ class GramCapture:
                 "{'use_reentrant': False} or disable it for sequence_gram"
             )
         lead = tuple(x.shape) if kind == "embedding" else tuple(x.shape[:-1])
+        if kind == "embedding" and lead == (1, self.t) and self.n > 1:
+            # Position ids shared by all rows (GPT-2's wpe): the [1, T, d] output is broadcast into
+            # every sequence, so its gradient would be summed over them. Expanded to [N, T, d] (a view,
+            # same values downstream) its gradient keeps the per-sequence rows.
+            x = x.expand(self.n, self.t)
+            out = replaced = out.expand(self.n, *out.shape[1:])
+            lead = (self.n, self.t)
         if lead == (self.n, self.t):
             seg = None
         elif len(lead) == 1:
@@ -590,6 +607,7 @@ class GramCapture:
             self.uses[id(p)] += 1
         self.calls.append(call)
         out.register_hook(lambda g, _c=call: self._on_grad(_c, g))
+        return replaced
 
     def check_graph(self, root: Tensor) -> None:
         """Walk the autograd graph of `root` and refuse parameters used outside the hooked calls.
@@ -782,7 +800,7 @@ def sequence_gram_and_logps(
                 raise GramError("the input-embedding hook did not run: cannot drive the backward")
             # Activation-only backward: asking for the anchor's gradient makes autograd skip every
             # weight gradient (they are what the hooks replace).
-            torch.autograd.grad(logps.sum(), cap.anchor)
+            torch.autograd.grad(logps.sum(), cap.anchors)
     finally:
         _STANDALONE[0] -= 1
     return cap.finish(), logps.detach()
