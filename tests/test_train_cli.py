@@ -176,3 +176,41 @@ def test_embedded_model_lora_on_demo_pairs(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in ev] == [0, 2, 3] and "frac_chosen_fell" in ev[-1]
     assert (run / "final" / "adapter_config.json").is_file()
     assert (run / "pairs.parquet").is_file() and list((run / "tb").rglob("events.out.tfevents*"))
+
+
+def test_continue_training_a_saved_adapter(tmp_path, monkeypatch, capsys, model_dir):
+    """--model RUN/final (a LoRA adapter): it is trained further and is its own reference."""
+    data = data_file(tmp_path)
+    common = (
+        "--data",
+        data,
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--lr",
+        "1e-2",
+        "--report-to",
+        "none",
+        "--no-progress",
+    )
+    first = tmp_path / "first"
+    code, _, err = run_cli(
+        monkeypatch, capsys, *common, "--model", model_dir, "--lora-rank", 4, "--output-dir", first
+    )
+    assert code == 0, err
+    second = tmp_path / "second"
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--model", first / "final", "--output-dir", second)
+    assert code == 0, err
+    import pandas as pd
+
+    start = pd.read_parquet(second / "pairs.parquet").query("step == 0")
+    assert (start.chosen - start.ref_chosen).abs().max() < 1e-5  # the reference is the adapter model
+    end1 = pd.read_parquet(first / "pairs.parquet").query("step == 2").set_index(["split", "pair_id"])
+    start2 = start.set_index(["split", "pair_id"])
+    common_idx = end1.index.intersection(start2.index)
+    assert len(common_idx) > 0
+    assert (end1.loc[common_idx, "chosen"] - start2.loc[common_idx, "chosen"]).abs().max() < 1e-4
+    rows = read_metrics(second)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert rows[1]["grad_norm"] > 0

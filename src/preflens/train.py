@@ -714,6 +714,11 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "config"):
                 model.config.use_cache = False
+        if _is_peft(model) and not any(p.requires_grad for p in model.parameters()):
+            # a saved adapter (e.g. a run's final/) loads frozen: training it further is what was asked
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
         if not any(p.requires_grad for p in model.parameters()):
             raise PreflensError("the model has no trainable parameters")
         self.mask_head = None
@@ -1111,7 +1116,13 @@ class Trainer:
     # -- metrics --------------------------------------------------------------------------------
 
     def _metrics(self, col: dict[str, Any]) -> dict[str, float]:
-        """TRL-compatible keys (ARCHITECTURE.md) from per-pair tensors over all processes."""
+        """TRL-compatible keys (ARCHITECTURE.md) from per-pair tensors over all processes.
+
+        rewards/* are the implicit rewards beta (log pi - log pi_ref) with the loss's beta (1 for losses
+        without one), also for reference-free losses, where they measure the move from the initial model;
+        frac_chosen_fell is the share of pairs whose chosen log-prob is below its reference value (the
+        model before step 1), i.e. likelihood displacement (seed 003).
+        """
         import torch
 
         beta = float(self.loss_kwargs.get("beta", self._loss_defaults.get("beta", 1.0)))
