@@ -257,3 +257,39 @@ def test_embedding_padding_idx_gets_no_gradient() -> None:
     ref = loop_gram(cfg_model, ids, att, rm)
     for strategy in ("ghost", "materialize"):
         assert rel_err(sequence_gram(cfg_model, ids, att, rm, strategy=strategy), ref) < 1e-4, strategy
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_lora_and_tied_embedding_match_loop() -> None:
+    """The real default model (SmolLM2-135M, tied 49k embedding): LoRA adapters, and the tied embedding."""
+    from preflens.models import apply_lora, load_model
+
+    model, tok = load_model(None)
+    rows = []
+    for prompt, resp in [
+        ("Q: what is 2+2? A:", " 4"),
+        ("Q: what is 2+2? A:", " five, I think"),
+        ("Hi", " there"),
+    ]:
+        full = tok(prompt + resp)["input_ids"] + [tok.eos_token_id]
+        rows.append((full, len(tok(prompt)["input_ids"])))
+    t = max(len(f) for f, _ in rows)
+    ids = torch.full((3, t), tok.pad_token_id)
+    att = torch.zeros(3, t, dtype=torch.long)
+    rm = torch.zeros(3, t, dtype=torch.bool)
+    for i, (f, p) in enumerate(rows):
+        ids[i, : len(f)] = torch.tensor(f)
+        att[i, : len(f)] = 1
+        rm[i, p : len(f)] = True
+    names = ["model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight"]
+    assert (
+        rel_err(sequence_gram(model, ids, att, rm, params=names), loop_gram(model, ids, att, rm, names))
+        < 1e-4
+    )
+    model = apply_lora(model, rank=8, target_modules="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    model.eval()
+    assert rel_err(sequence_gram(model, ids, att, rm), loop_gram(model, ids, att, rm)) < 1e-4
