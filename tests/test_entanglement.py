@@ -162,7 +162,8 @@ def test_probe_runner_observed_changes_and_restores_mode() -> None:
     assert agg1["probe/frac_chosen_fell"] == pytest.approx(float((lp1[:4] < lp[:4]).float().mean()))
 
 
-def test_trainer_writes_probes_and_step_entanglement(tmp_path) -> None:
+@pytest.mark.parametrize("loss", ["dpo", "normalized"])
+def test_trainer_writes_probes_and_step_entanglement(tmp_path, loss: str) -> None:
     import json
 
     import pandas as pd
@@ -188,6 +189,7 @@ def test_trainer_writes_probes_and_step_entanglement(tmp_path) -> None:
         probe_every=2,
         probe_pairs=3,
         step_entanglement=True,
+        loss=loss,
     )
     run = train(cfg, model=model, tokenizer=tok)
     probes = pd.read_parquet(run / "probes.parquet")

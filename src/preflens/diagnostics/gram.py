@@ -82,6 +82,9 @@ _STANDALONE = [0]
 # Norm modules already checked to be elementwise-affine in their weight ("zero": f(x; w=0, b=0) = 0).
 _NORM_FORM: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
+# Parameters whose requires_grad a fused capture has switched off for the current step (id -> param).
+_FUSED_OFF: dict[int, nn.Parameter] = {}
+
 # Largest intermediate (elements) built at once: ghost [rows_s, rows_t] blocks and materialized
 # [N, chunk, q] per-sequence gradient slices. 2^24 fp32 elements = 64 MiB.
 _BLOCK_ELEMS = 1 << 24
@@ -388,7 +391,8 @@ def _select_params(
 ) -> dict[int, tuple[str, nn.Parameter]]:
     named = list(model.named_parameters())  # deduplicates tied parameters (first name kept)
     if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
+        # parameters a fused StepGramCapture switched off for this step still count as trainable
+        chosen = [(n, p) for n, p in named if p.requires_grad or id(p) in _FUSED_OFF]
         if not chosen:
             raise GramError("the model has no trainable parameters (requires_grad): nothing to differentiate")
     else:
@@ -512,6 +516,7 @@ class GramCapture:
             self._saved_rg = [(p, p.requires_grad) for _, p in self.selected.values()]
             for p, _ in self._saved_rg:
                 p.requires_grad_(False)
+                _FUSED_OFF[id(p)] = p
         if self.use_anchor or self.fuse_grads:
             emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
             if emb is None:
@@ -534,6 +539,7 @@ class GramCapture:
         self.handles.clear()
         for p, rg in self._saved_rg:
             p.requires_grad_(rg)
+            _FUSED_OFF.pop(id(p), None)
         self._saved_rg = []
 
     # -- forward -----------------------------------------------------------------------------
