@@ -238,6 +238,14 @@ class ProbeCallback(TrainerCallback):
 
     def on_train_begin(self, trainer: Any) -> None:
         from preflens.data.collate import collate_pairs
+        from preflens.errors import PreflensError
+
+        kind = str(getattr(trainer.accelerator, "distributed_type", ""))
+        if "FSDP" in kind or "DEEPSPEED" in kind:
+            raise PreflensError(
+                "--probe-every/--step-entanglement read whole parameters and their gradients per module; "
+                f"not supported with sharded training ({kind}): use one process or DDP"
+            )
 
         if self.step is not None:
             from preflens.losses import TOKEN_LEVEL_LOSSES
