@@ -1411,7 +1411,9 @@ class Trainer:
             (self.run_dir / DATA_REPORT_FILE).write_text(json.dumps(self.data_reports, indent=2, default=str))
         if acc.log_with:
             hp = {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("preflens", config=hp)
+            # on resume TensorBoard drops the events logged after the checkpoint (as metrics.jsonl does)
+            kw = {"tensorboard": {"purge_step": self.state.step + 1}} if cfg.resume else {}
+            acc.init_trackers("preflens", config=hp, init_kwargs=kw)
         self._reference_pass()
         self._batches = self._micro_batches()
 
