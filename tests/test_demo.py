@@ -58,8 +58,8 @@ def test_demo_quick_on_a_tiny_model(tmp_path, tiny_dir, one_thread, capsys):
         "dpo/probes.parquet",
         "dpo/report.html",
         "dpo/ches_scores.parquet",
-        "normalized/metrics.jsonl",
-        "normalized/report.html",
+        "bdpo/metrics.jsonl",
+        "bdpo/report.html",
     ):
         assert (out / f).is_file(), f
     # CHES filtering dropped the top quarter (rounded) of the 6 train pairs

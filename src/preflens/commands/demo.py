@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
         ),
         quick: bool = typer.Option(False, "--quick", help="the smallest budget (a smoke test, for tests)"),
         mitigation: str = typer.Option(
-            "normalized",
+            "bdpo",
             "--mitigation",
-            help="what to train after DPO: normalized, bdpo, ches (CHES-filtered data) or rpo",
+            help="what to train after DPO: bdpo, normalized, ches (CHES-filtered data) or rpo",
         ),
         model: str = typer.Option(
             None, "--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct"
