@@ -802,17 +802,20 @@ class Trainer:
                         return_hidden=self.mask_head is not None and not reference,
                     )
                     b = len(chunk)
+                    # one device-to-host copy per batch, not one per number
+                    lp, ln = seq.logps.float().cpu().tolist(), seq.lengths.cpu().tolist()
+                    if want_tokens:
+                        tl, tm = seq.token_logps.float().cpu(), seq.token_mask.cpu()
                     for i, it in enumerate(chunk):
                         row = {
-                            "chosen": float(seq.logps[i]),
-                            "rejected": float(seq.logps[b + i]),
-                            "chosen_len": int(seq.lengths[i]),
-                            "rejected_len": int(seq.lengths[b + i]),
+                            "chosen": lp[i],
+                            "rejected": lp[b + i],
+                            "chosen_len": ln[i],
+                            "rejected_len": ln[b + i],
                         }
                         if want_tokens:
                             for side, r in (("chosen", i), ("rejected", b + i)):
-                                m = seq.token_mask[r]
-                                row[f"{side}_tokens"] = seq.token_logps[r][m].float().cpu()
+                                row[f"{side}_tokens"] = tl[r][tm[r]]
                         out[it.pair_id] = row
                     if not reference and (self.mask_head is not None or want_tokens):
                         self._eval_token_loss_inputs(chunk, seq, out)
@@ -826,13 +829,16 @@ class Trainer:
     def _eval_token_loss_inputs(self, chunk: Sequence[Any], seq: Any, out: dict[int, dict[str, Any]]) -> None:
         """Keep what the token-level loss needs at evaluation (token ids, learned-mask logits)."""
         b = len(chunk)
+        ids, mask = seq.token_ids.cpu(), seq.token_mask.cpu()
+        logits = None
+        if self.mask_head is not None and seq.hidden is not None:
+            logits = self.mask_head(seq.hidden).squeeze(-1).float().cpu()
         for i, it in enumerate(chunk):
             row = out[it.pair_id]
             for side, r in (("chosen", i), ("rejected", b + i)):
-                m = seq.token_mask[r]
-                row[f"{side}_token_ids"] = seq.token_ids[r][m].cpu()
-                if self.mask_head is not None and seq.hidden is not None:
-                    row[f"{side}_mask_logits"] = self.mask_head(seq.hidden[r][m]).squeeze(-1).float().cpu()
+                row[f"{side}_token_ids"] = ids[r][mask[r]]
+                if logits is not None:
+                    row[f"{side}_mask_logits"] = logits[r][mask[r]]
 
     def _reference_pass(self) -> None:
         """Reference log-probs of every train and eval pair, once (or read back on resume)."""
