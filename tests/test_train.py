@@ -219,6 +219,11 @@ def test_resume_is_exact(tmp_path, lora):
     pa = dict(a_model.named_parameters())
     for name, p in c_model.named_parameters():
         assert torch.allclose(p, pa[name], atol=1e-6, rtol=0), name
+    if lora:  # LoRA checkpoints hold the adapter only
+        from safetensors.torch import load_file
+
+        keys = load_file(run_b / "checkpoints" / "step-5" / "model.safetensors").keys()
+        assert keys and all("lora_" in k for k in keys)
     ma, mb = read_metrics(tmp_path / "a"), read_metrics(run_b)
     assert [(r["step"], r["split"]) for r in ma] == [(r["step"], r["split"]) for r in mb]
     for ra, rb in zip(ma, mb):

@@ -456,8 +456,8 @@ def _lean_logps_module(model: Any) -> Any:
     """A module whose forward is `sequence_logps(model, ...)` (the response-only unembedding).
 
     Prepared for DDP *instead of* the model, DDP's forward (which arms the gradient all-reduce) runs
-    the lean path. Its state dict is the model's own (no prefix), so checkpoints look the same on one
-    process or many and resume across process counts.
+    the lean path. Its state dict is the model's own (no extra prefix), so its checkpoints are those
+    of DDP over the model itself.
     """
     import torch
 
@@ -1268,6 +1268,45 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    _adapter_ckpt = False
+
+    def _adapter_only_checkpoint(
+        self, models: list[Any], weights: list[dict[str, Any]], output_dir: str
+    ) -> None:
+        """accelerate save-state hook: with LoRA keep only the trainable (adapter) tensors of the policy.
+
+        The frozen base weights never change, so writing them at every checkpoint (gigabytes for a 7B
+        model) buys nothing; resume loads the adapter over the base loaded from --model.
+        """
+        acc = self.accelerator
+        policy = acc.unwrap_model(self.model)
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        for i, m in enumerate(models):
+            u = acc.unwrap_model(m)
+            if i < len(weights) and (u is policy or getattr(u, "lm", None) is policy):
+                weights[i] = {
+                    k: v
+                    for k, v in weights[i].items()
+                    if (k[7:] if k.startswith("module.") else k) in trainable
+                }
+
+    def _check_adapter_checkpoint(self, ckpt: Path) -> None:
+        """strict=False must not hide a checkpoint that lacks the adapter (a different LoRA layout)."""
+        from safetensors import safe_open
+
+        f = ckpt / "model.safetensors"
+        if not f.is_file():
+            return
+        with safe_open(str(f), "pt") as h:
+            keys = {k[7:] if k.startswith("module.") else k for k in h.keys()}
+        policy = self.accelerator.unwrap_model(self.model)
+        missing = sorted(n for n, p in policy.named_parameters() if p.requires_grad and n not in keys)
+        if missing:
+            raise RunDirError(
+                f"{f}: lacks {len(missing)} adapter tensor(s) of this model (e.g. {missing[0]}); was --lora-rank "
+                "or --lora-target-modules changed since the run started?"
+            )
+
     def _ckpt_path(self, step: int) -> Path:
         from preflens.tracking import checkpoint_dir
 
@@ -1399,6 +1438,9 @@ class Trainer:
         else:
             self.model = prepared[0]
         acc.register_for_checkpointing(self.state)
+        if _is_peft(acc.unwrap_model(self.model)):
+            self._adapter_ckpt = True
+            acc.register_save_state_pre_hook(self._adapter_only_checkpoint)
 
         self.tracker = RunTracker(self.run_dir, acc)
         resolved = {**cfg.to_dict(), "loss_kwargs_resolved": {**self._loss_defaults, **self.loss_kwargs}}
@@ -1406,7 +1448,10 @@ class Trainer:
         self._last_saved = -1
         if cfg.resume:
             ckpt = latest_checkpoint(self.run_dir)
-            acc.load_state(str(ckpt))
+            # LoRA checkpoints hold the adapter only (the frozen base comes from --model)
+            acc.load_state(str(ckpt), **({"strict": False} if self._adapter_ckpt else {}))
+            if self._adapter_ckpt:
+                self._check_adapter_checkpoint(Path(ckpt))
             if self.state.step > steps:
                 raise RunDirError(f"{ckpt}: the run is at step {self.state.step}, beyond --steps {steps}")
             self.tracker.resume_at(self.state.step)
