@@ -39,6 +39,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
         num_key_value_heads=4,
         tie_word_embeddings=True,
     ),
+    # wider layers, so the vocabulary is a smaller share (about 21M parameters)
+    "medium": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    ),
     # the shape of Llama-3.2-1B (1.24B parameters, tied 128k embedding)
     "1b": dict(
         vocab_size=128256,
