@@ -56,12 +56,14 @@ def test_summary_numbers_written_out(tmp_path):
 
 def test_compare_runs_figure_and_html(tmp_path):
     runs = {"dpo": _run(tmp_path, "dpo", -2.0, -6.0), "sppo": _run(tmp_path, "sppo", 1.0, -3.0)}
+    (runs["sppo"] / "report.html").write_text("<html></html>")  # present: not redrawn
     page = compare_runs(runs, tmp_path).read_text()
     assert (tmp_path / "plots" / "compare_trajectories.png").stat().st_size > 5000
     assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)) == 2
     assert "dpo: chosen -1.00, rejected -6.00 nats: both fell (synchronized decrease)" in page
     assert "sppo: chosen +0.50, rejected -3.00 nats: chosen rose, rejected fell" in page
-    assert "href='dpo/report.html'" in page and (runs["dpo"] / "report.html").exists()
+    assert "href='dpo/report.html'" in page and (runs["dpo"] / "report.html").exists()  # written when missing
+    assert (runs["sppo"] / "report.html").read_text() == "<html></html>"
 
 
 def _data(tmp_path: Path) -> Path:

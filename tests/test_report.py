@@ -182,7 +182,7 @@ def test_report_cli(tmp_path):
 
     from preflens.cli import app
 
-    run = _make_run(tmp_path)
+    run = _make_run(tmp_path, probes=False)  # fewer figures: this test is about the command
     res = CliRunner().invoke(app, ["report", str(run)])
     assert res.exit_code == 0, res.output
     assert "report.html" in res.output and "likelihood displacement" in res.output
