@@ -7,10 +7,13 @@ prints pi(y+), pi(y-) before/after, the largest fall of pi(y+) along the way, th
 probability rose the most, and next to each the unembedding-geometry prediction.
 
 Defaults. The paper's reference setting is a post-SFT model, RMSprop, lr 1e-7, 100 full-batch steps,
-beta 0.1 (princeton-nlp/unintentional-unalignment). At lr 1e-7 the embedded 135M model barely moves
-in 100 steps, so the default here is lr 1e-5 (RMSprop's step is ~lr per parameter whatever the
-gradient scale, so this is 100x the paper's step), 100 steps, beta 0.1: about a minute on a laptop
-CPU and a clear effect on SmolLM2-135M-Instruct. Pass `--lr 1e-7` for the paper's value.
+beta 0.1 (princeton-nlp/unintentional-unalignment). Here: RMSprop, beta 0.1, full batch (one prompt),
+lr 1e-6 and 30 steps, so a run on the embedded SmolLM2-135M-Instruct is short and moves visibly. Measured
+(EXPERIMENTS.md, "Single-token displacement"): "No" vs "Never" on a Persona prompt, pi(No) 0.074 -> 0.88
+after 10 steps and 0.985 at step 26, then falling (0.982 at step 30: the onset of displacement once y+
+saturates); the tokens that gained most were " No", "no", " no" (benign), each with a large
+<W_z, W_y+ - W_y->. Pass `--lr 1e-7 --steps 100` for the paper's values (meant for a post-SFT model that
+already prefers y+).
 
 `--persona FILE` runs the experiment for every row (jsonl: prompt, chosen, rejected), restoring the
 model between rows, and reports the share of rows whose chosen probability decreased.
@@ -28,8 +31,8 @@ from preflens.errors import DataError, PreflensError
 
 __all__ = ["run_displacement", "register", "single_token_id"]
 
-DEFAULT_LR = 1e-5
-DEFAULT_STEPS = 100
+DEFAULT_LR = 1e-6
+DEFAULT_STEPS = 30
 
 
 def single_token_id(tokenizer: Any, text: str, what: str) -> tuple[int, str | None]:
