@@ -185,3 +185,30 @@ def test_full_model_first_step_sign_matches_geometry_for_most_tokens():
     pred = (w0 @ (w0[yp] - w0[ym]))[others]
     agree = ((change - change.mean() > 0) == (pred - pred.mean() > 0)).double().mean()
     assert agree > 0.75
+
+
+def test_ches_vs_change_on_a_real_training_run(tmp_path):
+    """Integration: `preflens train` writes pairs.parquet, `preflens ches` scores the same data, and the
+    join matches every train-subset pair (pair ids are the dataset rows in both)."""
+    import json
+
+    from preflens.commands.ches import run_ches
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.models import tiny_model
+    from preflens.train import TrainConfig, train
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(12, seed=0, shared_tokens=1)))
+    model, tok = tiny_model(seed=0)
+    cfg = TrainConfig(
+        data=str(data), output_dir=str(tmp_path / "run"), steps=2, batch_size=4, eval_every=2, lr=1e-3,
+        eval_fraction=0.25, pairs_train_subset=8, report_to="none", progress=False, save_every=0,
+    )  # fmt: skip
+    run = train(cfg, model=model, tokenizer=tok)
+    fresh, _ = tiny_model(seed=0)  # the scores belong to the model DPO starts from
+    run_ches(model="tiny", data=data, output=tmp_path / "s.parquet", progress=False, _model_obj=(fresh, tok))
+    res = ches_vs_change(tmp_path / "s.parquet", run)
+    table = chosen_change_table(run, split="train")
+    assert len(res.table) == len(table) > 0
+    assert set(res.table["pair_id"]) == set(table["pair_id"])
+    assert (table["last_step"] > table["first_step"]).all()
