@@ -209,6 +209,14 @@ def test_drop_top_needs_filtered_output(setup, tmp_path):
         run_ches(model="m", data=data, output=tmp_path / "x.parquet", drop_top=0.1, _model_obj=(model, tok))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.multiproc
 def test_two_processes_equal_one(setup, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU, an Accelerator() inside) gives the 1-process output."""
@@ -234,7 +242,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     two = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "preflens.cli", *common,
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "preflens.cli", *common,
          "-o", str(tmp_path / "two.parquet"), "--filtered-output", str(tmp_path / "two.jsonl")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
