@@ -219,7 +219,11 @@ def run_demo(
     findings: list[Finding] = []
     for run_name, rd in runs.items():
         _, f = generate_report(rd)
-        findings += [Finding(x.kind, f"{run_name}: {x.text}", x.severity) for x in f if x.kind != "try"]
+        findings += [
+            Finding(x.kind, f"{run_name}: {x.text}", x.severity)
+            for x in f
+            if x.kind not in ("try", "synchronized")
+        ]
     page = compare_runs(
         runs, out, title=f"preflens demo: DPO vs {name}", filename="report.html", extra_findings=findings
     )
