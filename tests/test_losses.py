@@ -345,3 +345,30 @@ def test_stable_for_large_margins():
     out = get_loss("dpo", beta=1.0)(p)
     assert torch.isfinite(out).all()
     assert math.isclose(float(out[0]), 1e4, rel_tol=1e-9)
+
+
+def test_margin_weights_of_token_level_loss_are_mean_token_weights():
+    """sparse with every token different (diff mask all ones) is DPO over the token sums: the mean
+    per-token weight equals DPO's beta sigma(-beta m) on every token."""
+    b, L = 3, 4
+    tw, tl = -torch.rand(b, L), -torch.rand(b, L)
+    rtw, rtl = tw + 0.2 * torch.randn(b, L), tl + 0.2 * torch.randn(b, L)
+    ones = torch.ones(b, L, dtype=torch.bool)
+    ids_w, ids_l = torch.zeros(b, L, dtype=torch.long), torch.ones(b, L, dtype=torch.long)
+    p = PairLogps(
+        chosen=tw.sum(1),
+        rejected=tl.sum(1),
+        chosen_tokens=tw,
+        rejected_tokens=tl,
+        ref_chosen_tokens=rtw,
+        ref_rejected_tokens=rtl,
+        chosen_mask=ones,
+        rejected_mask=ones,
+        chosen_token_ids=ids_w,
+        rejected_token_ids=ids_l,
+    )
+    d_w, d_l = margin_weights(get_loss("sparse", beta=0.5), p)
+    m = (tw - rtw).sum(1) - (tl - rtl).sum(1)
+    want = 0.5 / (1 + torch.exp(0.5 * m))
+    torch.testing.assert_close(d_w, want)
+    torch.testing.assert_close(d_l, want)

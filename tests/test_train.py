@@ -493,3 +493,16 @@ def test_interrupt_inside_a_step_rewinds_it_and_resumes_exactly(tmp_path):
     for name, p in c.named_parameters():
         assert torch.allclose(p, pa[name], atol=1e-6, rtol=0), name
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sparse_loss_runs_with_probes(tmp_path):
+    """Token-level losses get sequence-level margin weights (mean token weight) in probes too."""
+    model, tok = tiny()
+    run = train(
+        config(tmp_path, loss="sparse", mask="diff", steps=2, probe_every=1, probe_pairs=3),
+        model=model,
+        tokenizer=tok,
+    )
+    probes = pd.read_parquet(run / "probes.parquet")
+    assert len(probes) == 3 * 3
+    assert probes["d_w"].notna().all() and (probes["d_w"] > 0).all()

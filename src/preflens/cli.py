@@ -51,22 +51,12 @@ def main() -> None:
     from preflens.errors import PreflensError
 
     try:
-        app(standalone_mode=False)
+        # standalone mode: usage errors (unknown option, missing argument) are printed by click
+        # as one-line messages with exit code 2; everything else propagates to here.
+        app()
     except PreflensError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
-    except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        raise SystemExit(130) from None
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
 
 
 if __name__ == "__main__":

@@ -151,32 +151,49 @@ def margin_weights(loss_fn: LossFn, p: PairLogps) -> tuple[Tensor, Tensor]:
 
     Seed 000, Sec. 3: one gradient step moves chosen by eta (d_w |g_w|^2 - d_l <g_w, g_l>) and
     rejected by eta (d_w <g_w, g_l> - d_l |g_l|^2); d_w, d_l are the loss's weights on the two
-    log-prob gradients. Cheap: the graph is over [B]-sized tensors only. Fields that carry token-level
-    detail (token log-probs summing to chosen/rejected) are not differentiated here: for token-level
-    losses the weights are per token and this returns the sequence-level weights of the summed form.
+    log-prob gradients. Cheap: the graph is over [B]-sized tensors only.
+
+    Token-level losses (`sparse`) read the per-token log-probs, not the sums: their weight on response
+    token t is dl/d l_t, and the sequence-level weight returned is its mean over the response tokens
+    (for sparse PO with every token masked in, exactly DPO's beta sigma(-beta m)). The sequence-level
+    first-order prediction is then an approximation; the per-token weights are what the update uses.
     """
+
+    def prep(x: Tensor) -> Tensor:
+        x = x.detach()
+        return x.double() if x.is_floating_point() else x
+
     with torch.enable_grad():
-        chosen = p.chosen.detach().double().requires_grad_(True)
-        rejected = p.rejected.detach().double().requires_grad_(True)
-        q = p.replace(
-            chosen=chosen,
-            rejected=rejected,
-            **{
-                f.name: (
-                    getattr(p, f.name).detach().double()
-                    if getattr(p, f.name).is_floating_point()
-                    else getattr(p, f.name).detach()
-                )
-                for f in fields(p)
-                if f.name not in ("chosen", "rejected") and isinstance(getattr(p, f.name), Tensor)
-            },
+        values = {
+            f.name: prep(getattr(p, f.name)) for f in fields(p) if isinstance(getattr(p, f.name), Tensor)
+        }
+        wrt = ["chosen", "rejected"]
+        if p.chosen_tokens is not None and p.rejected_tokens is not None:
+            wrt += ["chosen_tokens", "rejected_tokens"]
+        for name in wrt:
+            values[name] = values[name].requires_grad_(True)
+        loss = loss_fn(p.replace(**values)).sum()
+        grads = dict(zip(wrt, torch.autograd.grad(loss, [values[n] for n in wrt], allow_unused=True)))
+    zeros = torch.zeros_like(values["chosen"])
+    d_chosen = grads["chosen"] if grads["chosen"] is not None else zeros
+    d_rejected = grads["rejected"] if grads["rejected"] is not None else zeros
+    if grads.get("chosen_tokens") is not None or grads.get("rejected_tokens") is not None:
+        mw = p.chosen_mask.double() if p.chosen_mask is not None else torch.ones_like(values["chosen_tokens"])
+        ml = (
+            p.rejected_mask.double()
+            if p.rejected_mask is not None
+            else torch.ones_like(values["rejected_tokens"])
         )
-        loss = loss_fn(q).sum()
-        d_chosen, d_rejected = torch.autograd.grad(loss, (chosen, rejected), allow_unused=True)
-    zeros = torch.zeros_like(chosen)
-    d_w = -(d_chosen if d_chosen is not None else zeros)
-    d_l = d_rejected if d_rejected is not None else zeros
-    return d_w.to(p.chosen.dtype).detach(), d_l.to(p.chosen.dtype).detach()
+        for key, mask, acc in (("chosen_tokens", mw, "w"), ("rejected_tokens", ml, "l")):
+            g = grads.get(key)
+            if g is None:
+                continue
+            mean = (g * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            if acc == "w":
+                d_chosen = d_chosen + mean
+            else:
+                d_rejected = d_rejected + mean
+    return (-d_chosen).to(p.chosen.dtype).detach(), d_rejected.to(p.chosen.dtype).detach()
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,8 +72,11 @@ class ProbeRunner:
         *,
         params: Any = None,
         reduction: str = "mean",
+        ref_tokens: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.model = model
+        # per-token reference log-probs [B, L] (left-aligned), for token-level losses (`sparse`)
+        self.ref_tokens = ref_tokens
         self.batch = batch
         self.loss_fn = loss_fn
         self.ref = ref
@@ -82,6 +85,29 @@ class ProbeRunner:
         self.pair_ids = [int(i) for i in batch["pair_index"].tolist()]
         self.first: tuple[Tensor, Tensor] | None = None
         self.prev: dict[str, Any] | None = None
+
+    def _fill_tokens(self, p: PairLogps) -> None:
+        """Per-token policy log-probs of the probe batch (no grad) and the cached reference's."""
+        import torch.nn.functional as F
+
+        from preflens.logprobs import pair_logps_from_batch, sequence_logps
+
+        b = self.batch
+        with torch.no_grad():
+            seq = sequence_logps(
+                self.model, b["input_ids"], b["attention_mask"], b["response_mask"], return_tokens=True
+            )
+        q = pair_logps_from_batch(seq)
+        width = q.chosen_tokens.shape[1]  # type: ignore[union-attr]
+
+        def fit(x: Tensor) -> Tensor:
+            x = x.float().to(seq.logps.device)
+            return F.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x[:, :width]
+
+        p.chosen_tokens, p.rejected_tokens = q.chosen_tokens, q.rejected_tokens
+        p.chosen_mask, p.rejected_mask = q.chosen_mask, q.rejected_mask
+        p.chosen_token_ids, p.rejected_token_ids = q.chosen_token_ids, q.rejected_token_ids
+        p.ref_chosen_tokens, p.ref_rejected_tokens = fit(self.ref_tokens[0]), fit(self.ref_tokens[1])  # type: ignore[index]
 
     def run(self, step: int, lr: float = 1.0) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Measure now; `lr` scales the predicted changes (one SGD step of that size)."""
@@ -106,6 +132,8 @@ class ProbeRunner:
             chosen_len=lengths[:n],
             rejected_len=lengths[n:],
         )
+        if self.ref_tokens is not None:
+            self._fill_tokens(p)
         norms = gram.diagonal().clamp_min(0).sqrt().float()
         p.chosen_grad_norm, p.rejected_grad_norm = norms[:n], norms[n:]  # used by `normalized` only
         stats = entanglement_from_gram(gram, p, self.loss_fn, eta=lr, reduction=self.reduction)  # type: ignore[arg-type]
@@ -270,7 +298,24 @@ class ProbeCallback(TrainerCallback):
         batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         ref = trainer.ref_table[split][batch["pair_index"]]
         model = trainer.accelerator.unwrap_model(trainer.model)
-        self.runner = ProbeRunner(model, batch, trainer.loss_fn, (ref[:, 0], ref[:, 1]))
+        ref_tokens = None
+        if trainer.needs_tokens:
+            if trainer.mask_head is not None:
+                raise PreflensError(
+                    "--probe-every with sparse mask='learned' is not supported: the probe has no mask head "
+                    "(use mask='diff', or probe without the learned mask)"
+                )
+            from torch.nn.utils.rnn import pad_sequence
+
+            cached = trainer.reference[split]
+            ids = [int(i) for i in batch["pair_index"].tolist()]
+            ref_tokens = tuple(
+                pad_sequence([cached[i][key].float() for i in ids], batch_first=True)
+                for key in ("chosen_tokens", "rejected_tokens")
+            )
+        self.runner = ProbeRunner(
+            model, batch, trainer.loss_fn, (ref[:, 0], ref[:, 1]), ref_tokens=ref_tokens
+        )
         self.split = split
         if trainer.state.step == 0:
             self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])

@@ -962,45 +962,14 @@ class Trainer:
             raise PreflensError(f"loss '{self.config.loss}' returned shape {tuple(loss.shape)}, expected [B]")
         return _Scored(pair=pair, loss=loss.to(torch.float32), seq=seq)
 
-    def _margin_weights(self, loss_fn: Any, p: Any) -> tuple[Any, Any]:
-        """d_w = -dl/d chosen, d_l = dl/d rejected (seed 000, Sec. 3) by autograd on PairLogps.
-
-        Token-level losses read per-token log-probs, not the sums: their weight on response token t is
-        dl/d l_t, and the sequence-level weight reported is its mean over the response tokens (for
-        sparse PO with every token masked in, exactly DPO's beta sigma(-beta m)).
-        """
-        import torch
-
-        from preflens.losses import margin_weights
-
-        if not self.needs_tokens:
-            return margin_weights(loss_fn, p)
-        with torch.enable_grad():
-            tw = p.chosen_tokens.detach().double().requires_grad_(True)
-            tl = p.rejected_tokens.detach().double().requires_grad_(True)
-            detached = {
-                f.name: getattr(p, f.name).detach()
-                for f in fields(p)
-                if isinstance(getattr(p, f.name), torch.Tensor)
-            }
-            detached = {k: (v.double() if v.is_floating_point() else v) for k, v in detached.items()}
-            q = p.replace(**{**detached, "chosen_tokens": tw, "rejected_tokens": tl})
-            gw, gl = torch.autograd.grad(loss_fn(q).sum(), (tw, tl), allow_unused=True)
-        mw, ml = p.chosen_mask.double(), p.rejected_mask.double()
-        gw = torch.zeros_like(tw) if gw is None else gw
-        gl = torch.zeros_like(tl) if gl is None else gl
-        d_w = -(gw * mw).sum(-1) / mw.sum(-1).clamp(min=1)
-        d_l = (gl * ml).sum(-1) / ml.sum(-1).clamp(min=1)
-        return d_w.to(p.chosen.dtype), d_l.to(p.chosen.dtype)
-
     def _pair_stats(self, scored: _Scored, pair_ids: Any, tokens: Any) -> Any:
         """[B, len(_STAT_COLS)] per-pair numbers of this process's micro-batch (detached, float64)."""
         import torch
 
-        from preflens.losses import get_loss
+        from preflens.losses import get_loss, margin_weights
 
         p = scored.pair
-        d_w, d_l = self._margin_weights(self.loss_fn, p)
+        d_w, d_l = margin_weights(self.loss_fn, p)
         if self.needs_grad_norms:  # the surrogate's value is not a likelihood: log DPO's beside it
             loss_dpo = get_loss("dpo", beta=self.loss_kwargs.get("beta", 0.1))(p).detach()
         else:
@@ -1164,7 +1133,7 @@ class Trainer:
         """Per-pair eval columns, with the loss and margin weights of the configured loss."""
         import torch
 
-        from preflens.losses import PairLogps, get_loss
+        from preflens.losses import PairLogps, get_loss, margin_weights
 
         ids = sorted(rows)
         ref = self.reference[split]
@@ -1188,7 +1157,7 @@ class Trainer:
             loss_fn = get_loss("dpo", beta=self.loss_kwargs.get("beta", 0.1))
         with torch.no_grad():
             loss = loss_fn(p).double()
-        d_w, d_l = self._margin_weights(loss_fn, p)
+        d_w, d_l = margin_weights(loss_fn, p)
         nan = torch.full_like(p.chosen, float("nan"))
         return {
             "pair_id": torch.tensor(ids, dtype=torch.float64),
