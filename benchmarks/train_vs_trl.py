@@ -2,7 +2,7 @@
 
 Same model (fresh copy of the same initial weights for every run), same text pairs (each side tokenizes
 them its own way; the tokens per step are printed and agree), same batch size, max length, loss (DPO,
-beta 0.1), optimizer (AdamW, lr 1e-6, no warm-up/decay), precision, threads and machine. Contenders:
+beta 0.1), optimizer (fused AdamW, each side's default; lr 1e-6, constant), precision, threads and machine. Contenders:
 
   preflens          preflens.train (the trainer users run), reference log-probs computed once before training
   preflens-core     the hot path alone: collate -> preflens.logprobs.sequence_logps -> DPO -> AdamW,
@@ -561,7 +561,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument(
-        "--trl-optim", default="adamw_torch", help="HF optimizer name for TRL; preflens uses the same AdamW"
+        "--trl-optim",
+        default="adamw_torch_fused",
+        help="HF optimizer name for TRL (its default); preflens's trainer uses fused AdamW too",
     )
     ap.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)"
