@@ -51,13 +51,22 @@ def main() -> None:
     from preflens.errors import PreflensError
 
     try:
-        # standalone mode: usage errors (unknown option, missing argument) are printed by click
-        # as one-line messages with exit code 2; everything else propagates to here.
-        app()
+        rv = app(standalone_mode=False)
     except PreflensError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
-
+    except Exception as exc:
+        # click's usage errors (unknown option, missing argument): typer bundles its own copy of
+        # click, so match the interface rather than a class from the `click` package
+        if type(exc).__name__ == "Abort":
+            typer.secho("aborted", err=True)
+            raise SystemExit(130) from None
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise
+    if isinstance(rv, int) and rv != 0:  # typer.Exit(code) in non-standalone mode
+        raise SystemExit(rv)
 
 if __name__ == "__main__":
     main()
