@@ -68,5 +68,6 @@ def main() -> None:
     if isinstance(rv, int) and rv != 0:  # typer.Exit(code) in non-standalone mode
         raise SystemExit(rv)
 
+
 if __name__ == "__main__":
     main()
