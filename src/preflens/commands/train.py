@@ -14,6 +14,9 @@ from typing import Any
 
 import typer
 
+# Extra spellings of a flag (the issue tracker and TRL users say `--probe-size`).
+_ALIASES: dict[str, tuple[str, ...]] = {"probe_pairs": ("--probe-size",)}
+
 # How a flag's value is shown in --help, by the option's type.
 _METAVAR = {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,...", "dict": "K=V,..."}
 
@@ -94,8 +97,9 @@ def register(app: typer.Typer) -> None:
             opt = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
             ann: Any = bool | None
         else:
+            names = [flag, *_ALIASES.get(f.name, ())]
             opt = typer.Option(
-                None, flag, help=help_text, metavar=_METAVAR.get(kind, "TEXT"), show_default=False
+                None, *names, help=help_text, metavar=_METAVAR.get(kind, "TEXT"), show_default=False
             )
             ann = str | None
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann))
