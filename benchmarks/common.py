@@ -68,30 +68,45 @@ def time_fn(
     return statistics.median(times)
 
 
-def time_interleaved(
+def time_interleaved_wall_cpu(
     fns: dict[str, Callable[[], Any]],
     warmup: int = 1,
     repeats: int = 5,
     sync: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Seconds of each call of each function, run round-robin (A, B, A, B, ...) after warm-up.
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall seconds, process CPU seconds) of each call of each function, run round-robin
+    (A, B, A, B, ...) after warm-up.
 
     Interleaving spreads load bursts from other processes over all contenders instead of
-    penalizing whichever ran during the burst. Take `statistics.median` of each list.
+    penalizing whichever ran during the burst; CPU time is what that load does not inflate on a
+    shared CPU. Take `statistics.median` of each list.
     """
     sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
-    out: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
-            out[name].append(time.perf_counter() - t0)
-    return out
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int = 1,
+    repeats: int = 5,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Wall seconds of each call of each function, run round-robin after warm-up (see
+    `time_interleaved_wall_cpu`)."""
+    return time_interleaved_wall_cpu(fns, warmup, repeats, sync)[0]
 
 
 def _status_kb(field: str) -> int | None:

@@ -25,8 +25,9 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
-import time
 from typing import Any
+
+from common import sync_fn, time_interleaved_wall_cpu
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # CPU-sized: 4 layers, d=256, vocab 8k (about 10M parameters)
@@ -93,13 +94,6 @@ def _build(args: argparse.Namespace):
         rm[s, args.prompt_len : length] = True
     dev = torch.device(args.device)
     return model, ids.to(dev), att.to(dev), rm.to(dev)
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _vm(field: str) -> float:
@@ -179,10 +173,11 @@ def _child(method: str, args: argparse.Namespace, q: Any) -> None:
 
     torch.set_num_threads(args.threads)
     fns, _ = _methods(args)
-    _sync(args.device)
+    sync = sync_fn(args.device)
+    sync()
     base = _mem_reset(args.device)
     fns[method]()
-    _sync(args.device)
+    sync()
     q.put(_mem_peak(args.device) - base)
 
 
@@ -202,16 +197,7 @@ def timings(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict
     torch.set_num_threads(args.threads)
     fns, _ = _methods(args)
     results = {m: f() for m, f in fns.items()}  # warm-up, and the Grams to compare
-    wall: dict[str, list[float]] = {m: [] for m in fns}
-    cpu: dict[str, list[float]] = {m: [] for m in fns}
-    for _ in range(args.repeats):
-        for m, f in fns.items():
-            _sync(args.device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            f()
-            _sync(args.device)
-            wall[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
+    wall, cpu = time_interleaved_wall_cpu(fns, warmup=0, repeats=args.repeats, sync=sync_fn(args.device))
     out = {m: {"wall": statistics.median(wall[m]), "cpu": statistics.median(cpu[m])} for m in fns}
     return out, results
 

@@ -23,12 +23,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gram import CONFIGS, _build, _sync  # noqa: E402
+from common import sync_fn, time_interleaved_wall_cpu  # noqa: E402
+from gram import CONFIGS, _build  # noqa: E402
 
 
 def main() -> None:
@@ -85,18 +85,7 @@ def main() -> None:
         last.update(se.pop_metrics())
 
     fns = {"plain": plain, "stats": with_stats}
-    for f in fns.values():
-        f()
-    wall: dict[str, list[float]] = {m: [] for m in fns}
-    cpu: dict[str, list[float]] = {m: [] for m in fns}
-    for _ in range(args.repeats):
-        for m, f in fns.items():
-            _sync(args.device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            f()
-            _sync(args.device)
-            wall[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
+    wall, cpu = time_interleaved_wall_cpu(fns, warmup=1, repeats=args.repeats, sync=sync_fn(args.device))
     t = {m: {"wall": statistics.median(wall[m]), "cpu": statistics.median(cpu[m])} for m in fns}
     key = "cpu" if args.device == "cpu" else "wall"
     out = {
