@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     model, _ = build_model(args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from preflens.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.train()
     # fused AdamW, as the trainer and TRL use: the per-tensor loop would add a large constant per step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)

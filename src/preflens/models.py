@@ -626,6 +626,21 @@ def tiny_model(
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute decoder activations in the backward (non-reentrant, so hooks and LoRA still see grads).
+
+    transformers 5 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns
+    on the old name; older releases only have the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
 def apply_lora(
     model: PreTrainedModel,
     rank: int = 8,
