@@ -140,6 +140,9 @@ def build_model(args: argparse.Namespace) -> tuple[Any, Any]:
     model.config.pad_token_id = tok.pad_token_id
     model = model.to(device=args.device, dtype=dtype)
     model.config.use_cache = False
+    attn = getattr(args, "attn_implementation", None)
+    if attn:  # e.g. flash_attention_2 on a GPU, where padding-free packing runs variable-length kernels
+        model.set_attn_implementation(attn)
     return model, tok
 
 
@@ -412,7 +415,9 @@ def run_preflens_core(model: Any, tok: Any, pairs: list[dict], args: argparse.Na
             s = sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"])
             ref.append((s.logps[: len(chunk)], s.logps[len(chunk) :]))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from preflens.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=LR, weight_decay=0.0, fused=args.trl_optim.endswith("fused")
@@ -449,8 +454,17 @@ def _autocast(args: argparse.Namespace) -> Any:
     return contextlib.nullcontext()
 
 
-def run_preflens(model: Any, tok: Any, pairs: list[dict], args: argparse.Namespace) -> RunResult:
+def run_preflens(
+    model: Any,
+    tok: Any,
+    pairs: list[dict],
+    args: argparse.Namespace,
+    name: str = "preflens",
+    padding_free: bool = False,
+) -> RunResult:
     """preflens.train.Trainer on the same pairs (written to a jsonl file), timed through its callbacks.
+
+    `preflens-packed` is the same trainer with `padding_free=True` (each batch packed into one row).
 
     Evaluation only at the start and end, checkpoint only at the end (both outside the measured
     steps), a train metrics row every step (as TRL with logging_steps=1), no TensorBoard (TRL runs
@@ -458,7 +472,7 @@ def run_preflens(model: Any, tok: Any, pairs: list[dict], args: argparse.Namespa
     """
     from preflens.train import TrainConfig, Trainer, TrainerCallback
 
-    result = RunResult("preflens")
+    result = RunResult(name)
     cuda = args.device.startswith("cuda")
     meter = StepMeter(args.device, args.warmup, result)
     base = RunPeak(args.device).base
@@ -500,6 +514,7 @@ def run_preflens(model: Any, tok: Any, pairs: list[dict], args: argparse.Namespa
         max_prompt_length=args.prompt_len + 8,
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
+        padding_free=padding_free,
         eval_every=0,
         save_every=0,
         log_every=1,
@@ -530,6 +545,7 @@ def _skip_first_eval(evaluate: Callable[[], Any]) -> Callable[[], Any]:
 
 RUNNERS: dict[str, Callable[..., RunResult]] = {
     "preflens": run_preflens,
+    "preflens-packed": lambda m, t, p, a: run_preflens(m, t, p, a, "preflens-packed", padding_free=True),
     "preflens-core": run_preflens_core,
     "trl-precomputed": lambda m, t, p, a: run_trl("trl-precomputed", m, t, p, a),
     "trl-live": lambda m, t, p, a: run_trl("trl-live", m, t, p, a),
@@ -560,6 +576,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--contenders", default="preflens,preflens-core,trl-precomputed,trl-live", help="comma-separated"
     )
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument(
+        "--attn-implementation",
+        default=None,
+        help="sdpa | eager | flash_attention_2 (default: the model's); both sides use it",
+    )
     ap.add_argument(
         "--trl-optim",
         default="adamw_torch_fused",

@@ -10,7 +10,12 @@ most of a DPO step's cost, so this is the hot path:
   a response token (prompt positions never need logits), in chunks, and each chunk's log-softmax
   is recomputed in the backward (activation checkpointing) instead of being stored, so the
   full-vocabulary log-softmax is never materialised for the whole batch, nor in fp32 beyond a chunk;
-- the last hidden states at those positions come for free (CHES, seed 003, uses them).
+- the last hidden states at those positions come for free (CHES, seed 003, uses them);
+- optionally (`padding_free=True`) the N right-padded rows are packed into one row of their real
+  tokens with per-sequence position ids, so no padding is computed. Hugging Face models turn such
+  position ids into a block-diagonal causal mask (flash-attention: variable-length kernels), which
+  makes the packed forward exact: each token attends to its own sequence only, at its own positions.
+  `check_padding_free` verifies that on a given model before a run relies on it.
 
 Convention (DESIGN.md): `response_mask[s, t]` marks token t of sequence s as a response token whose
 log-prob is `log_softmax(logits[s, t-1])[input_ids[s, t]]`; padding on the right.
@@ -28,7 +33,13 @@ from torch.utils.checkpoint import checkpoint
 from preflens.errors import PreflensError
 from preflens.losses import PairLogps
 
-__all__ = ["SequenceLogps", "sequence_logps", "pair_logps_from_batch", "split_backbone_and_head"]
+__all__ = [
+    "SequenceLogps",
+    "sequence_logps",
+    "pair_logps_from_batch",
+    "split_backbone_and_head",
+    "check_padding_free",
+]
 
 # Rows of logits computed at once by the chunked unembedding. 1024 rows x 49k vocab x 4 bytes is
 # ~200 MB for SmolLM2; small enough for a laptop, large enough to keep the matmul efficient.
@@ -188,6 +199,29 @@ def _validate(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) 
         raise PreflensError(f"sequence {bad}: response_mask marks a padding position (attention_mask 0)")
 
 
+def _packed_inputs(input_ids: Tensor, attention_mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Model inputs for the N right-padded rows packed into one row, and each row's start in it.
+
+    Position ids restart at 0 for every sequence; with no attention mask, Hugging Face models read the
+    sequence boundaries from those restarts (`masking_utils.find_packed_sequence_indices`, or the
+    flash-attention variable-length path), so attention stays within each sequence.
+    """
+    real = attention_mask.bool()
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        bad = int((real[:, 1:] & ~real[:, :-1]).any(1).nonzero()[0, 0])
+        raise PreflensError(
+            f"sequence {bad}: padding_free needs right padding (real tokens first, then padding); "
+            "this attention_mask has padding before a real token"
+        )
+    lengths = real.sum(1)
+    starts = lengths.cumsum(0) - lengths
+    packed = {
+        "input_ids": input_ids[real].unsqueeze(0),
+        "position_ids": (real.long().cumsum(1) - 1)[real].unsqueeze(0),
+    }
+    return packed, starts
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -197,36 +231,43 @@ def sequence_logps(
     return_tokens: bool = False,
     return_hidden: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    padding_free: bool = False,
 ) -> SequenceLogps:
     """Summed (and optionally per-token) response log-probs of N sequences in one forward pass.
 
     Gradients flow to the model when called under grad mode. See the module docstring for why the
-    unembedding is applied only at response-predicting positions.
+    unembedding is applied only at response-predicting positions, and for `padding_free` (the real
+    tokens of all rows in one packed row: no compute spent on padding; needs right padding and a
+    model whose attention honours packed position ids, see `check_padding_free`).
     """
     _validate(input_ids, attention_mask, response_mask)
     response_mask = response_mask.bool()
     n, t = input_ids.shape
     rows, pos = response_mask.nonzero(as_tuple=True)  # row-major: ordered by row, then position
     targets = input_ids[rows, pos]
+    if padding_free:
+        inputs, starts = _packed_inputs(input_ids, attention_mask)
+        pred = (starts[rows] + pos - 1,)  # the packed position predicting each response token
+
+        def at_pred(x: Tensor) -> Tensor:  # [1, S, ...] -> [M, ...]
+            return x[0][pred]
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+        def at_pred(x: Tensor) -> Tensor:  # [N, T, ...] -> [M, ...]
+            return x[rows, pos - 1]
 
     parts = split_backbone_and_head(model)
     if parts is not None:
         decoder, head = parts
-        hidden_all = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        h_sel = hidden_all[rows, pos - 1]
+        hidden_all = decoder(**inputs, use_cache=False).last_hidden_state
+        h_sel = at_pred(hidden_all)
         tok = _selected_logps(head, h_sel, targets, chunk_rows)
     else:  # generic fallback: the model's own logits (e.g. soft-capped heads)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=return_hidden,
-        )
-        logits = out.logits[rows, pos - 1].float()
+        out = model(**inputs, use_cache=False, output_hidden_states=return_hidden)
+        logits = at_pred(out.logits).float()
         tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-        h_sel = out.hidden_states[-1][rows, pos - 1] if return_hidden else None
+        h_sel = at_pred(out.hidden_states[-1]) if return_hidden else None
 
     lengths = response_mask.sum(1)
     logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
@@ -285,3 +326,72 @@ def pair_logps_from_batch(
     if ref_tokens is not None:
         p.ref_chosen_tokens, p.ref_rejected_tokens = ref_tokens
     return p
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        return bool(torch.is_autocast_enabled())
+
+
+def check_padding_free(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+) -> dict[str, float]:
+    """Verify on this model and batch that packing is exact; raise `PreflensError` if it is not.
+
+    Packing is exact only if the model keeps the packed sequences apart and at their own positions
+    (transformers builds a block-diagonal mask from restarting position ids since 4.53; flash-attention
+    uses variable-length kernels). A model that ignored them would silently let sequences attend to
+    each other, so a run checks its model once before training packed. Two checks, no gradients:
+
+    - isolation (any dtype): replacing the first sequence's tokens must leave every other sequence's
+      packed log-probs unchanged. Rows never mix in an exact implementation, so the tolerance is tight
+      even in bf16, while leaked attention moves them by far more;
+    - agreement: packed and padded per-token log-probs match (1e-3 in fp32; in 16-bit a mean of 0.05,
+      kernels differ between the two layouts).
+
+    Returns the measured differences ("isolation", "max_abs", "mean_abs").
+    """
+    n = int(input_ids.shape[0])
+    if n < 2:
+        raise PreflensError("check_padding_free needs at least 2 sequences (packing joins several)")
+    real0 = attention_mask[0].bool()
+    other = input_ids.clone()
+    ids0 = other[0, real0]
+    other[0, real0] = torch.cat([ids0[1:], ids0[:1]]) if ids0.numel() > 1 else ids0
+    if torch.equal(other[0], input_ids[0]):  # a constant sequence: any different token will do
+        other[0, real0] = (ids0 + 1) % max(2, int(input_ids.max()) + 1)
+    with torch.no_grad():
+        padded = sequence_logps(
+            model, input_ids, attention_mask, response_mask, return_tokens=True, return_hidden=True
+        )
+        packed = sequence_logps(
+            model, input_ids, attention_mask, response_mask, return_tokens=True, padding_free=True
+        )
+        moved = sequence_logps(
+            model, other, attention_mask, response_mask, return_tokens=True, padding_free=True
+        )
+    assert padded.token_logps is not None and packed.token_logps is not None and moved.token_logps is not None
+    mask = padded.token_mask
+    pk, pd, mv = (x.token_logps.float() for x in (packed, padded, moved))  # type: ignore[union-attr]
+    isolation = float((mv[1:] - pk[1:]).abs().max()) if n > 1 else 0.0
+    delta = (pk - pd).abs()[mask]
+    max_abs = float(delta.max()) if delta.numel() else 0.0
+    mean_abs = float(delta.mean()) if delta.numel() else 0.0
+    full = padded.hidden is not None and padded.hidden.dtype in (torch.float32, torch.float64)
+    full = full and not _autocast_on(input_ids.device.type)
+    problem = None
+    if not isolation <= 1e-4:
+        problem = f"changing one packed sequence moved the others' token log-probs by up to {isolation:.3g}"
+    elif full and not max_abs <= 1e-3:
+        problem = f"packed and padded token log-probs differ by up to {max_abs:.3g} (tolerance 1e-3)"
+    elif not full and not mean_abs <= 0.05:
+        problem = f"packed and padded token log-probs differ by {mean_abs:.3g} on average (tolerance 0.05)"
+    if problem:
+        raise PreflensError(
+            f"padding_free is not exact for this model: {problem}. Its attention does not keep packed "
+            "sequences apart at their own positions (transformers < 4.53, or a custom attention); "
+            "train without padding_free."
+        )
+    return {"isolation": isolation, "max_abs": max_abs, "mean_abs": mean_abs}

@@ -155,6 +155,11 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.0, "Warm-up as a share of --steps.")
     max_grad_norm: float | None = _opt(1.0, "Clip the gradient norm (None: no clipping, norm still logged).")
     group_by_length: bool = _opt(False, "Batch pairs of similar length (less padding).")
+    padding_free: bool = _opt(
+        False,
+        "Pack each batch's sequences into one row (no padding computed; exact, checked on the model at "
+        "start). Pays off with flash-attention; under sdpa/eager attention cost grows with the packed length.",
+    )
     seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
 
     # --- logging, evaluation, checkpoints
@@ -235,6 +240,11 @@ class TrainConfig:
             raise PreflensError(f"--report-to must be tensorboard or none, got {self.report_to!r}")
         if self.overwrite and self.resume:
             raise RunDirError("--overwrite and --resume exclude each other: pick one")
+        if self.padding_free and self.step_entanglement:
+            raise PreflensError(
+                "--step-entanglement reads per-sequence activations of the padded layout; "
+                "it cannot be combined with --padding-free (use --probe-every for entanglement probes)"
+            )
         from transformers.trainer_utils import SchedulerType
 
         names = [s.value for s in SchedulerType]
@@ -711,9 +721,9 @@ class Trainer:
             model = _apply_lora(model, cfg)
             self._fresh_lora = True
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "config"):
-                model.config.use_cache = False
+            from preflens.models import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         if _is_peft(model) and not any(p.requires_grad for p in model.parameters()):
             # a saved adapter (e.g. a run's final/) loads frozen: training it further is what was asked
             for name, p in model.named_parameters():
@@ -752,6 +762,7 @@ class Trainer:
         """The policy forward of a training micro-batch (through DDP's lean wrapper when there is one)."""
         from preflens.logprobs import sequence_logps
 
+        kw["padding_free"] = self.config.padding_free
         if self._ddp is not None:
             return self._ddp(ids, am, rm, **kw)
         return sequence_logps(self._forward_module(), ids, am, rm, **kw)
@@ -800,6 +811,7 @@ class Trainer:
                         batch["response_mask"],
                         return_tokens=want_tokens,
                         return_hidden=self.mask_head is not None and not reference,
+                        padding_free=self.config.padding_free,
                     )
                     b = len(chunk)
                     # one device-to-host copy per batch, not one per number
@@ -1434,8 +1446,35 @@ class Trainer:
             # on resume TensorBoard drops the events logged after the checkpoint (as metrics.jsonl does)
             kw = {"tensorboard": {"purge_step": self.state.step + 1}} if cfg.resume else {}
             acc.init_trackers("preflens", config=hp, init_kwargs=kw)
+        if cfg.padding_free:
+            self._check_padding_free()
         self._reference_pass()
         self._batches = self._micro_batches()
+
+    def _check_padding_free(self) -> None:
+        """Refuse to train packed unless packing is exact for this model (`logprobs.check_padding_free`)."""
+        import torch
+
+        from preflens.data.collate import collate_pairs
+        from preflens.logprobs import check_padding_free
+
+        items = self.train_items[:4]
+        batch = collate_pairs(items, self.tokenizer.pad_token_id)
+        ids, am, rm = (
+            batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "response_mask")
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                diffs = check_padding_free(self._forward_module(), ids, am, rm)
+        finally:
+            model.train(was_training)
+        self.say(
+            f"padding-free: packed log-probs match padded ones (largest difference {diffs['max_abs']:.2g}) "
+            f"and stay isolated per sequence ({diffs['isolation']:.2g})"
+        )
 
     def train(self) -> Path:
         """Run set-up, the loop and the final save; returns the run directory."""
