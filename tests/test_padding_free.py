@@ -154,3 +154,41 @@ def test_padding_free_with_step_entanglement_is_a_config_error(tmp_path):
     )
     with pytest.raises(PreflensError, match="cannot be combined with --padding-free"):
         cfg.validate()
+
+
+def test_attention_kernel_is_switchable_and_bad_choices_are_one_line_errors(tmp_path):
+    from preflens.models import load_model, set_attention
+
+    model, tok = tiny_model(num_layers=1)
+    set_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(PreflensError, match="attn_implementation 'nope' cannot be used: Specified"):
+        set_attention(model, "nope")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m", attn_implementation="eager")
+    assert loaded.config._attn_implementation == "eager"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:  # the usual CPU machine: the error says what is missing
+        with pytest.raises(PreflensError, match="flash_attention_2' cannot be used: .*FlashAttention2"):
+            set_attention(model, "flash_attention_2")
+
+
+def test_trainer_applies_the_attention_kernel(tmp_path):
+    from preflens.train import TrainConfig, Trainer
+
+    model, tok = tiny_model(num_layers=1)
+    cfg = TrainConfig(
+        data=str(_pairs_file(tmp_path / "p.jsonl", n=8)),
+        output_dir=str(tmp_path / "run"),
+        steps=1,
+        batch_size=4,
+        eval_fraction=0.0,
+        report_to="none",
+        progress=False,
+        attn_implementation="eager",
+        padding_free=True,
+    )
+    Trainer(cfg, model=model, tokenizer=tok, log_fn=lambda m: None).train()
+    assert model.config._attn_implementation == "eager"

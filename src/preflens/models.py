@@ -146,6 +146,7 @@ def load_model(
     device: str = "cpu",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for preflens (pad token set, right padding).
 
@@ -157,7 +158,37 @@ def load_model(
         by peft, e.g. a run's `final/`; its base model is loaded through this function);
       * a Hugging Face hub id: the local cache is tried first; downloaded only when not offline.
     `dtype`: float32 (default: exact gradients on CPU), bfloat16, float16, or auto (the checkpoint's).
+    `attn_implementation`: the attention kernel (`set_attention`); None keeps the model's default (sdpa).
     """
+    model, tok = _load_any(name_or_path, dtype, device, gguf_file, trust_remote_code)
+    set_attention(model, attn_implementation)
+    return model, tok
+
+
+def set_attention(model: Any, attn_implementation: str | None) -> None:
+    """Switch the model's attention kernel (sdpa, eager, flash_attention_2, a hub kernel, ...).
+
+    Why it matters here: padding-free packing only saves compute with variable-length kernels
+    (flash-attention); sdpa/eager run the packed row under a dense block-diagonal mask. transformers
+    checks availability; its ImportError/ValueError becomes a one-line `PreflensError`.
+    """
+    if not attn_implementation:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.set_attn_implementation(attn_implementation)
+    except (ImportError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PreflensError(f"attn_implementation {attn_implementation!r} cannot be used: {reason}") from err
+
+
+def _load_any(
+    name_or_path: str | os.PathLike | None,
+    dtype: str,
+    device: str,
+    gguf_file: str | None,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     torch_dtype = _torch_dtype(dtype)
     device = _check_device(device)
 

@@ -155,6 +155,11 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.0, "Warm-up as a share of --steps.")
     max_grad_norm: float | None = _opt(1.0, "Clip the gradient norm (None: no clipping, norm still logged).")
     group_by_length: bool = _opt(False, "Batch pairs of similar length (less padding).")
+    attn_implementation: str | None = _opt(
+        None,
+        "Attention kernel: sdpa, eager, flash_attention_2 (GPU, flash-attn installed), ... "
+        "Default: the model's own (sdpa).",
+    )
     padding_free: bool = _opt(
         False,
         "Pack each batch's sequences into one row (no padding computed; exact, checked on the model at "
@@ -421,19 +426,9 @@ class PairBatchSampler:
 
 def _load_model_and_tokenizer(config: TrainConfig) -> tuple[Any, Any]:
     """`preflens.models.load_model` (HF id, local dir, GGUF, or the embedded default)."""
-    try:
-        from preflens.models import load_model
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        load_model = None
-    if load_model is not None:
-        return load_model(config.model, dtype=config.dtype, device="cpu")
-    if config.model is None:
-        raise PreflensError("the embedded default model needs preflens.models; pass --model")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from preflens.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.dtype))
-    return model, AutoTokenizer.from_pretrained(config.model)
+    return load_model(config.model, dtype=config.dtype, device="cpu")
 
 
 def _apply_lora(model: Any, config: TrainConfig) -> Any:
@@ -711,6 +706,9 @@ class Trainer:
                 raise PreflensError("Trainer(model=...) needs tokenizer=... too")
         else:
             model, tok = _load_model_and_tokenizer(cfg)
+        from preflens.models import set_attention
+
+        set_attention(model, cfg.attn_implementation)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # as TRL does; padded positions are masked anyway
         torch.manual_seed(cfg.seed)  # LoRA init and the learned mask head
