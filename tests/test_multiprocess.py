@@ -169,3 +169,23 @@ def test_two_processes_match_one(tmp_path):
 
     pairs = pd.read_parquet(runs[1] / "pairs.parquet")
     assert pairs["chosen"].std() > 0.1
+
+
+def test_two_processes_packed_match_one_padded(tmp_path):
+    """`--padding-free` under DDP (each rank packs its half of the batch) trains what one padded process
+    trains: packing is exact, so only summation order differs."""
+    mdir, data = _write_inputs(tmp_path)
+    runs = {}
+    for n, packed in ((1, False), (2, True)):
+        cfg = dict(_config(mdir, data, tmp_path / f"run{n}"), padding_free=packed, probe_every=0)
+        cfg_path = tmp_path / f"cfg{n}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        _run(n, cfg_path)
+        runs[n] = tmp_path / f"run{n}"
+    assert "padding_free: true" in (runs[2] / "config.yaml").read_text()
+    w1, w2 = _weights(runs[1]), _weights(runs[2])
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst <= PARAM_ATOL, f"packed 2-process weights differ from padded 1-process by {worst:.3g}"
+    loss1 = [r["loss"] for r in _rows(runs[1]) if r["split"] == "train"]
+    loss2 = [r["loss"] for r in _rows(runs[2]) if r["split"] == "train"]
+    assert loss2 == pytest.approx(loss1, rel=METRIC_RTOL, abs=METRIC_ATOL)
