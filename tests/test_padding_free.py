@@ -192,3 +192,27 @@ def test_trainer_applies_the_attention_kernel(tmp_path):
     )
     Trainer(cfg, model=model, tokenizer=tok, log_fn=lambda m: None).train()
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.slow
+def test_packing_is_exact_on_the_embedded_model():
+    """SmolLM2 with its trained weights and RoPE: a leak across packed sequences would show at once."""
+    from preflens.data.collate import collate_pairs, tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.data.synthetic import demo_pairs_path
+    from preflens.models import load_model
+
+    model, tok = load_model(None)
+    pairs, _ = load_pairs(demo_pairs_path(), limit=4)
+    items, _ = tokenize_pairs(pairs, tok)
+    batch = collate_pairs(items, tok.pad_token_id)
+    ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert (am == 0).any()  # ragged: the padded layout really pads
+    diffs = check_padding_free(model, ids, am, rm)
+    assert diffs["isolation"] == 0.0 and diffs["max_abs"] < 1e-3
+    lengths = am.sum(1).tolist()
+    starts = [int(r.nonzero()[0]) for r in rm]
+    with torch.no_grad():
+        ref = alone(model, ids, lengths, starts)
+        got = sequence_logps(model, ids, am, rm, padding_free=True).logps
+    assert torch.allclose(got, ref, atol=1e-3, rtol=0)
