@@ -69,6 +69,7 @@ def _config(mdir: Path, data: Path, out: Path) -> dict:
         log_every=1,
         probe_every=1,
         probe_pairs=4,
+        step_entanglement=True,
         pairs_train_subset=8,
         report_to="none",
         progress=False,
@@ -177,7 +178,9 @@ def test_two_processes_packed_match_one_padded(tmp_path):
     mdir, data = _write_inputs(tmp_path)
     runs = {}
     for n, packed in ((1, False), (2, True)):
-        cfg = dict(_config(mdir, data, tmp_path / f"run{n}"), padding_free=packed, probe_every=0)
+        cfg = dict(
+            _config(mdir, data, tmp_path / f"run{n}"), padding_free=packed, probe_every=0, step_entanglement=False
+        )
         cfg_path = tmp_path / f"cfg{n}.json"
         cfg_path.write_text(json.dumps(cfg))
         _run(n, cfg_path)

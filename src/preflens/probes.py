@@ -24,6 +24,7 @@ conditions) are what to compare with the observed changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -227,8 +228,13 @@ class StepEntanglement:
         self.collected.append(entanglement_from_gram(gram, self.pair, self.loss_fn, reduction=self.reduction))  # type: ignore[arg-type]
         self.pair = None
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Aggregates over the micro-batches since the last call (`entanglement/...` keys)."""
+    def pop_metrics(self, gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Aggregates over the micro-batches since the last call (`entanglement/...` keys).
+
+        Under several processes each one holds the statistics of its share of every batch; `gather`
+        (the accelerator's) collects all of them first, so the means are over the whole global batch
+        and not rank 0's share (every process holds the same number of pairs, so shapes agree).
+        """
         if not self.collected:
             return {}
         keys = [
@@ -239,9 +245,12 @@ class StepEntanglement:
             "cond1_violated",
             "cond2_violated",
         ]
+        table = torch.stack([torch.cat([getattr(s, k).float() for s in self.collected]) for k in keys], 1)
+        if gather is not None:
+            table = gather(table)  # [pairs on all processes, keys]: one collective per step
         out: dict[str, float] = {}
-        for k in keys:
-            v = torch.cat([getattr(s, k).float() for s in self.collected])
+        for j, k in enumerate(keys):
+            v = table[:, j]
             v = v[torch.isfinite(v)]
             name = f"entanglement/frac_{k}" if k.startswith("cond") else f"entanglement/{k}"
             out[name] = float(v.mean()) if v.numel() else math.nan
@@ -330,7 +339,7 @@ class ProbeCallback(TrainerCallback):
     def on_step_end(self, trainer: Any, state: Any, batch_stats: dict[str, Any]) -> dict | None:
         if self.runner is not None and self.every > 0 and state.step % self.every == 0:
             self._probe(trainer, state.step, float(batch_stats["metrics"].get("lr", 1.0)))
-        return self.step.pop_metrics() if self.step is not None else None
+        return self.step.pop_metrics(trainer.accelerator.gather) if self.step is not None else None
 
     # -- statistics of the training step itself -------------------------------------------------
 
