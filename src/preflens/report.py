@@ -351,11 +351,28 @@ def _entanglement_findings(run: RunData) -> list[Finding]:
         c2 = float(probe["probe/frac_cond2_violated"].mean())
     if cos is None and _col(probe, "probe/cosine"):
         cos = float(probe["probe/cosine"].mean())
+    where = "of probed pairs"
+    if c1 is None and c2 is None and cos is None:
+        # --step-entanglement alone: the per-step statistics of the training batches (train rows)
+        train = run.metric_rows("train")
+        vals = {
+            k: float(train[k].mean())
+            for k in (
+                "entanglement/frac_cond1_violated",
+                "entanglement/frac_cond2_violated",
+                "entanglement/cosine",
+            )
+            if _col(train, k) and train[k].notna().any()
+        }
+        c1 = vals.get("entanglement/frac_cond1_violated")
+        c2 = vals.get("entanglement/frac_cond2_violated")
+        cos = vals.get("entanglement/cosine")
+        where = "of training batch pairs (per step, mean over steps)"
     if c1 is None and c2 is None and cos is None:
         return out
     parts = []
     if c1 is not None:
-        parts.append(f"condition 1 (chosen rises) violated in {_pct(c1)} of probed pairs")
+        parts.append(f"condition 1 (chosen rises) violated in {_pct(c1)} {where}")
     if c2 is not None:
         parts.append(f"condition 2 (rejected falls) in {_pct(c2)}")
     if cos is not None:
@@ -610,24 +627,52 @@ def _fig_entanglement(run: RunData, out: Path) -> Figure | None:
             m = by_step
             has_cos = "probe/cosine" in m.columns
             has_cond = "probe/frac_cond1_violated" in m.columns or "probe/frac_cond2_violated" in m.columns
-    if not (has_cos or has_cond):
+    # --step-entanglement: the same statistics of each step's training batch (train rows)
+    st = run.metric_rows("train")
+    st_cos = _col(st, "entanglement/cosine") is not None
+    st_cond = bool(
+        _col(st, "entanglement/frac_cond1_violated") or _col(st, "entanglement/frac_cond2_violated")
+    )
+    if not (has_cos or has_cond or st_cos or st_cond):
         return None
+    probe_tag = " (probe set)" if (st_cos or st_cond) else ""
+    step_kw = {"alpha": 0.5, "linewidth": 1.0, "linestyle": "--"} if (has_cos or has_cond) else {}
     fig, axes = _new_fig(ncols=2)
     if has_cos:
-        _plot_metric(axes[0], m, "probe/cosine", color="black", label="mean cosine")
+        _plot_metric(axes[0], m, "probe/cosine", color="black", label="mean cosine" + probe_tag)
+    if st_cos:
+        _plot_metric(
+            axes[0], st, "entanglement/cosine", color=GREY, label="mean cosine (training batch)", **step_kw
+        )
+    if has_cos or st_cos:
         axes[0].axhline(0, color=GREY, linewidth=0.8)
         axes[0].set_ylim(-1.05, 1.05)
+        axes[0].legend(fontsize=8)
     _style(axes[0], "gradient cosine cos(g_w, g_l)", "cosine")
-    if has_cond:
+    for frame, prefix, tag, kw in (
+        (m, "probe/", probe_tag, {}),
+        (st, "entanglement/", " (training batch)", step_kw),
+    ):
         _plot_metric(
-            axes[1], m, "probe/frac_cond1_violated", color=CHOSEN, label="cond. 1 violated (chosen falls)"
+            axes[1],
+            frame,
+            f"{prefix}frac_cond1_violated",
+            color=CHOSEN,
+            label="cond. 1 violated (chosen falls)" + tag,
+            **kw,
         )
         _plot_metric(
-            axes[1], m, "probe/frac_cond2_violated", color=REJECTED, label="cond. 2 violated (rejected rises)"
+            axes[1],
+            frame,
+            f"{prefix}frac_cond2_violated",
+            color=REJECTED,
+            label="cond. 2 violated (rejected rises)" + tag,
+            **kw,
         )
+    if has_cond or st_cond:
         axes[1].set_ylim(-0.02, 1.02)
         axes[1].legend(fontsize=8)
-    _style(axes[1], "entanglement conditions", "share of probed pairs")
+    _style(axes[1], "entanglement conditions", "share of pairs")
     _save(fig, out / "entanglement.png")
     return Figure(
         "entanglement",
@@ -635,7 +680,9 @@ def _fig_entanglement(run: RunData, out: Path) -> Figure | None:
         out / "entanglement.png",
         "Seed 000, Sec. 3: one step moves chosen by eta (d_w |g_w|^2 - d_l <g_w,g_l>) and rejected by "
         "eta (d_w <g_w,g_l> - d_l |g_l|^2). Condition 1 fails when the first is negative (chosen predicted "
-        "to fall), condition 2 when the second is positive. A cosine near 1 entangles the two.",
+        "to fall), condition 2 when the second is positive. A cosine near 1 entangles the two. "
+        "Probe set: the same pairs at every probe (--probe-every); training batch: each step's own batch, "
+        "measured in its backward (--step-entanglement).",
     )
 
 
@@ -760,7 +807,8 @@ _SECTIONS: list[tuple[str, str, str]] = [
     (
         "entanglement",
         "Gradient entanglement",
-        "no probe rows in metrics.jsonl and no probes.parquet (train with probes on)",
+        "no probe rows in metrics.jsonl and no probes.parquet, and no entanglement/* train metrics "
+        "(train with --probe-every K, or --step-entanglement)",
     ),
     (
         "pred_vs_obs",
