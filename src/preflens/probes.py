@@ -294,10 +294,11 @@ class ProbeCallback(TrainerCallback):
                     f"--step-entanglement needs a loss of the summed log-probs; '{trainer.config.loss}' weighs "
                     "tokens individually (use --probe-every for its sentence-level statistics)"
                 )
-            # one process: the hooks write the weight gradients (no duplicate work); DDP syncs
-            # autograd's own gradients, so there the statistics are computed beside them
-            fuse = trainer.accelerator.num_processes == 1
-            StepEntanglement.__init__(self.step, trainer.loss_fn, fuse_grads=fuse)
+            # The hooks write the weight gradients (the sum of the per-sequence ones they build anyway),
+            # so autograd skips them: no duplicate work. Under DDP that means its all-reduce hooks never
+            # fire, so the trainer syncs the gradients itself after the step's backward.
+            StepEntanglement.__init__(self.step, trainer.loss_fn, fuse_grads=True)
+            trainer.manual_grad_sync = trainer.accelerator.num_processes > 1
         if self.every <= 0 or self.pairs <= 0:
             return
         split = "eval" if trainer.eval_items else "train"

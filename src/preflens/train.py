@@ -453,6 +453,39 @@ def _apply_lora(model: Any, config: TrainConfig) -> Any:
     return get_peft_model(model, cfg)
 
 
+def _all_reduce_mean_grads(params: Sequence[Any], bucket_elems: int = 1 << 25) -> None:
+    """Average `p.grad` over all processes, as DDP would have (a parameter without a gradient counts as 0).
+
+    Flattened into buckets of one dtype (at most `bucket_elems` elements, 128 MiB in fp32) so a step costs a
+    few collectives, not one per tensor. Every process passes the same parameters in the same order.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[Any, list[Any]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        start = 0
+        while start < len(grads):
+            bucket, n = [], 0
+            while start < len(grads) and (not bucket or n + grads[start].numel() <= bucket_elems):
+                bucket.append(grads[start])
+                n += grads[start].numel()
+                start += 1
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -1017,7 +1050,8 @@ class Trainer:
             batch = next(self._batches)
             last = k == cfg.grad_accum - 1
             wrapped = self._ddp if self._ddp is not None else self.model
-            sync = contextlib.nullcontext() if (last or acc.num_processes == 1) else acc.no_sync(wrapped)
+            ddp_syncs = last and not self.manual_grad_sync
+            sync = contextlib.nullcontext() if (ddp_syncs or acc.num_processes == 1) else acc.no_sync(wrapped)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(sync)
                 for cb in self.callbacks:
@@ -1033,6 +1067,8 @@ class Trainer:
             b = batch["pair_index"].shape[0]
             local = self._pair_stats(scored, batch["pair_index"], tokens[:b] + tokens[b:])
             parts.append(acc.gather(local))
+        if self.manual_grad_sync and acc.num_processes > 1:
+            _all_reduce_mean_grads([p for p in self.model.parameters() if p.requires_grad])
         stats = torch.cat(parts).cpu()  # one device-to-host copy; metrics are computed on the host
         col = {name: stats[:, i] for i, name in enumerate(_STAT_COLS)}
         if not torch.isfinite(col["loss"]).all():
@@ -1405,6 +1441,10 @@ class Trainer:
         # Under DDP the module DDP wraps is `_lean_logps_module(model)`, so the policy forward keeps the
         # response-only unembedding; `self.model` stays the bare model (probes, saving, no-grad passes).
         self._ddp = None
+        # Set by a callback that writes the parameter gradients itself (fused `--step-entanglement`):
+        # autograd then skips them, so DDP's all-reduce hooks would never fire. The trainer keeps DDP
+        # out of the step (no_sync) and all-reduces the gradients once after the last micro-batch.
+        self.manual_grad_sync = False
         lean = self._ddp_like()
         first = _lean_logps_module(self.model) if lean else self.model
         objs = [first] + ([self.mask_head] if self.mask_head is not None else [])

@@ -908,10 +908,11 @@ class StepGramCapture:
             loss = ...; loss.backward()   # the trainer's ordinary backward (weight grads as usual)
         gram = cap.result()               # [N, N] Gram of the log-prob gradients
 
-    `fuse_grads=True` (single process only): autograd skips the weight gradients of the selected
-    parameters and the hooks write them (p.grad += sum_s G_s, exactly the ordinary gradient), so
-    the per-sequence gradients the statistics need replace that work instead of adding to it. Not
-    for DDP/FSDP, whose gradient synchronisation hooks on autograd's weight gradients.
+    `fuse_grads=True`: autograd skips the weight gradients of the selected parameters and the hooks
+    write them (p.grad += sum_s G_s, exactly the ordinary gradient), so the per-sequence gradients
+    the statistics need replace that work instead of adding to it. DDP's gradient synchronisation
+    hooks on autograd's weight gradients, so under DDP the caller keeps DDP out (`no_sync`) and
+    all-reduces the gradients itself (the trainer: `manual_grad_sync`); not for FSDP/DeepSpeed.
     """
 
     def __init__(
