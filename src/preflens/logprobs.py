@@ -362,20 +362,25 @@ def check_padding_free(
     other[0, real0] = torch.cat([ids0[1:], ids0[:1]]) if ids0.numel() > 1 else ids0
     if torch.equal(other[0], input_ids[0]):  # a constant sequence: any different token will do
         other[0, real0] = (ids0 + 1) % max(2, int(input_ids.max()) + 1)
-    with torch.no_grad():
-        padded = sequence_logps(
-            model, input_ids, attention_mask, response_mask, return_tokens=True, return_hidden=True
-        )
-        packed = sequence_logps(
-            model, input_ids, attention_mask, response_mask, return_tokens=True, padding_free=True
-        )
-        moved = sequence_logps(
-            model, other, attention_mask, response_mask, return_tokens=True, padding_free=True
-        )
+    was_training = model.training
+    model.eval()  # dropout would make two passes differ for reasons that have nothing to do with packing
+    try:
+        with torch.no_grad():
+            padded = sequence_logps(
+                model, input_ids, attention_mask, response_mask, return_tokens=True, return_hidden=True
+            )
+            packed = sequence_logps(
+                model, input_ids, attention_mask, response_mask, return_tokens=True, padding_free=True
+            )
+            moved = sequence_logps(
+                model, other, attention_mask, response_mask, return_tokens=True, padding_free=True
+            )
+    finally:
+        model.train(was_training)
     assert padded.token_logps is not None and packed.token_logps is not None and moved.token_logps is not None
     mask = padded.token_mask
     pk, pd, mv = (x.token_logps.float() for x in (packed, padded, moved))  # type: ignore[union-attr]
-    isolation = float((mv[1:] - pk[1:]).abs().max()) if n > 1 else 0.0
+    isolation = float((mv[1:] - pk[1:]).abs().max())
     delta = (pk - pd).abs()[mask]
     max_abs = float(delta.max()) if delta.numel() else 0.0
     mean_abs = float(delta.mean()) if delta.numel() else 0.0
