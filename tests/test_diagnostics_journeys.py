@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -51,3 +53,130 @@ def test_report_shows_step_entanglement_without_probes(tmp_path: Path) -> None:
     assert "condition 1 (chosen rises) violated in 50%" in text
     assert "0.80" in text
     assert "training batch" in text  # says where the numbers come from
+
+
+# ---------------------------------------------------------------------------------------------
+# preflens ches / probe on the datasets TRL users have
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama + word-level tokenizer (`--model DIR`)."""
+    from preflens.models import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny") / "m"
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def _pairs(n: int, seed: int = 1) -> list[dict]:
+    from preflens.data.synthetic import sentiment_pairs
+
+    return [
+        {k: r[k] for k in ("prompt", "chosen", "rejected")}
+        for r in sentiment_pairs(n, seed=seed, response_length=4)
+    ]
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_ches_and_probe_map_columns_and_pick_a_split(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens ches --data DIR --data-split test --prompt-field question ...` (and `probe`).
+
+    The data errors tell users to map their columns with --prompt-field/--chosen-field/--rejected-field,
+    and `preflens train` has those flags and --data-split, but ches and probe had none: a dataset
+    with other column names, or the test split of a DatasetDict, could not be scored at all.
+    """
+    import datasets
+    import pandas as pd
+
+    rows = _pairs(7)
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(renamed[:4]), "test": datasets.Dataset.from_list(renamed[4:])}
+    ).save_to_disk(str(tmp_path / "ds"))
+    plain = _write_jsonl(tmp_path / "test.jsonl", rows[4:])  # the same 3 pairs, standard columns
+    mapping = ["--prompt-field", "question", "--chosen-field", "good", "--rejected-field", "bad"]
+
+    res = _cli("ches", "--model", tiny_dir, "--data", tmp_path / "ds", "--data-split", "test", *mapping,
+               "-o", tmp_path / "mapped.parquet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = _cli("ches", "--model", tiny_dir, "--data", plain, "-o", tmp_path / "plain.parquet")
+    assert res.exit_code == 0, res.output
+    mapped, ref = pd.read_parquet(tmp_path / "mapped.parquet"), pd.read_parquet(tmp_path / "plain.parquet")
+    assert len(mapped) == 3
+    assert mapped["ches"].tolist() == pytest.approx(ref["ches"].tolist(), rel=1e-5)
+
+    res = _cli("probe", "--model", tiny_dir, "--data", tmp_path / "ds", "--data-split", "test", *mapping,
+               "-o", tmp_path / "probe_mapped.parquet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = _cli("probe", "--model", tiny_dir, "--data", plain, "-o", tmp_path / "probe_plain.parquet")
+    assert res.exit_code == 0, res.output
+    pm, pp = (
+        pd.read_parquet(tmp_path / "probe_mapped.parquet"),
+        pd.read_parquet(tmp_path / "probe_plain.parquet"),
+    )
+    assert len(pm) == 3
+    assert pm["inner"].tolist() == pytest.approx(pp["inner"].tolist(), rel=1e-4)
+
+
+def test_ches_and_probe_on_invalid_drop(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens ches --on-invalid drop` (the flag the data error recommends) skips the bad row."""
+    import pandas as pd
+
+    rows = _pairs(4)
+    rows[2]["rejected"] = 5  # a number: invalid
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    res = _cli("ches", "--model", tiny_dir, "--data", data, "-o", tmp_path / "s.parquet")
+    assert res.exit_code != 0 and "row 2" in str(res.exception)
+    res = _cli(
+        "ches", "--model", tiny_dir, "--data", data, "-o", tmp_path / "s.parquet", "--on-invalid", "drop"
+    )
+    assert res.exit_code == 0, res.output
+    assert pd.read_parquet(tmp_path / "s.parquet")["pair_index"].tolist() == [0, 1, 3]
+    res = _cli(
+        "probe", "--model", tiny_dir, "--data", data, "-o", tmp_path / "p.parquet", "--on-invalid", "drop"
+    )
+    assert res.exit_code == 0, res.output
+    assert pd.read_parquet(tmp_path / "p.parquet")["pair_id"].tolist() == [0, 1, 3]
+
+
+def test_ches_checks_filtered_output_before_scoring(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens ches ... --drop-top 0.1 --filtered-output kept.txt`: the unwritable suffix was found
+    only after the whole dataset had been scored."""
+    from preflens.commands.ches import run_ches
+    from preflens.errors import PreflensError
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(4))
+    out = tmp_path / "s.parquet"
+    with pytest.raises(PreflensError, match="kept.txt"):
+        run_ches(model=str(tmp_path / "no-such-model"), data=data, output=out, drop_top=0.25,
+                 filtered_output=tmp_path / "kept.txt", progress=False)  # fmt: skip
+    assert not out.exists() and not (tmp_path / "s.parquet.parts").exists()
+
+
+def test_probe_token_level_takes_the_first_pairs(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens probe --token-level 2`: the help says "for the first N pairs"; it measured the N
+    shortest (the batches are sorted by length)."""
+    import pandas as pd
+
+    rows = _pairs(5)
+    rows[0]["chosen"] = rows[0]["chosen"] + " good good good"  # pairs 0 and 1 the longest
+    rows[1]["rejected"] = rows[1]["rejected"] + " bad bad bad"
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "p.parquet"
+    res = _cli(
+        "probe", "--model", tiny_dir, "--data", data, "-o", out, "--token-level", "2", "--batch-size", "2"
+    )
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    assert df.loc[df["token/sentence_inner"].notna(), "pair_id"].tolist() == [0, 1]

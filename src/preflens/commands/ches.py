@@ -126,7 +126,14 @@ def _parts_dir(output: Path) -> Path:
 
 
 def _fingerprint(
-    *, model: str | None, data: Path, n_pairs: int, chunk_size: int, token_limits: dict[str, Any], dtype: str
+    *,
+    model: str | None,
+    data: Path,
+    n_pairs: int,
+    chunk_size: int,
+    token_limits: dict[str, Any],
+    dtype: str,
+    data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a partial run's chunks depend on; a resume with other values would mix two scorings."""
     st = data.stat()
@@ -140,6 +147,8 @@ def _fingerprint(
         "chunk_size": chunk_size,
         **token_limits,
         "dtype": dtype,
+        # which rows of the source are pairs (split, column mapping, invalid rows dropped or not)
+        **(data_options or {}),
     }
 
 
@@ -228,12 +237,18 @@ def run_ches(
     chat_template: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    data_split: str = "train",
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    on_invalid: str = "error",
     _model_obj: Any = None,
 ) -> dict[str, Any] | None:
     """Score every pair of `data` (the command's work, callable from Python).
 
     Returns the summary dict on the main process, None on the others. `_model_obj` = (model,
-    tokenizer) already loaded (tests, notebooks) instead of `model`.
+    tokenizer) already loaded (tests, notebooks) instead of `model`. `data_split`, the `*_field`
+    names and `on_invalid` are `load_pairs`'s (as `preflens train`'s flags of the same names).
     """
     import torch
     from accelerate import Accelerator
@@ -247,14 +262,29 @@ def run_ches(
             raise PreflensError(f"--drop-top is a fraction in [0, 1), got {drop_top}")
         if filtered_output is None:
             raise PreflensError("--drop-top needs --filtered-output FILE (where the kept pairs go)")
+    if filtered_output is not None:
+        from preflens.data.formats import DATA_SUFFIXES
+
+        # checked now, not after scoring the whole dataset
+        if Path(filtered_output).suffix.lower() not in DATA_SUFFIXES:
+            raise PreflensError(
+                f"--filtered-output {filtered_output}: cannot write {Path(filtered_output).suffix!r} files; "
+                f"expected one of {', '.join(DATA_SUFFIXES)}"
+            )
     if batch_size < 1 or chunk_size < 1:
         raise PreflensError("--batch-size and --chunk-size must be at least 1")
     if not data.exists():
         raise PreflensError(f"{data}: no such file")
 
     acc = _accelerator(Accelerator, torch)
-    loaded = load_pairs(data)
-    pairs = loaded[0] if isinstance(loaded, tuple) else loaded
+    data_options = {
+        "split": data_split,
+        "prompt_field": prompt_field,
+        "chosen_field": chosen_field,
+        "rejected_field": rejected_field,
+        "on_invalid": on_invalid,
+    }
+    pairs, load_report = load_pairs(data, **data_options)  # type: ignore[arg-type]
     n = len(pairs)
     n_chunks = math.ceil(n / chunk_size)
     token_limits = {
@@ -263,7 +293,13 @@ def run_ches(
         "chat_template": chat_template,
     }
     fp = _fingerprint(
-        model=model, data=data, n_pairs=n, chunk_size=chunk_size, token_limits=token_limits, dtype=dtype
+        model=model,
+        data=data,
+        n_pairs=n,
+        chunk_size=chunk_size,
+        token_limits=token_limits,
+        dtype=dtype,
+        data_options=data_options,
     )
     plan = [None]
     if acc.is_main_process:
@@ -330,6 +366,8 @@ def run_ches(
     shutil.rmtree(parts, ignore_errors=True)
     summary = _summary(df, n, dropped, length_normalized, drop_top, plan_d.get("resumed", 0))
     summary["output"] = str(output)
+    if load_report.n_dropped:
+        summary["invalid_rows_dropped"] = dict(load_report.dropped)
     if kept_path is not None:
         summary["filtered_output"] = str(kept_path)
     return summary
@@ -418,6 +456,8 @@ def _print(summary: dict[str, Any]) -> None:
         t.add_row(f"score p{q}", f"{v:.4g}")
     if summary["spearman_score_vs_edit_similarity"] is not None:
         t.add_row("Spearman(score, edit similarity)", f"{summary['spearman_score_vs_edit_similarity']:.3f}")
+    for reason, count in summary.get("invalid_rows_dropped", {}).items():
+        t.add_row(f"invalid rows dropped ({reason})", str(count))
     if summary["skipped_by_tokenization"]:
         t.add_row("skipped by tokenization", str(summary["skipped_by_tokenization"]))
     if summary["resumed_chunks"]:
@@ -470,6 +510,19 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace a finished output / discard a partial one"
         ),
+        data_split: str = typer.Option(
+            "train", "--data-split", help="split of a save_to_disk directory / DatasetDict"
+        ),
+        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
+        chosen_field: str = typer.Option(
+            "chosen", "--chosen-field", help="column holding the chosen response"
+        ),
+        rejected_field: str = typer.Option(
+            "rejected", "--rejected-field", help="column holding the rejected response"
+        ),
+        on_invalid: str = typer.Option(
+            "error", "--on-invalid", help="error | drop (drop invalid rows and count them)"
+        ),
     ) -> None:
         """Score pairs by CHES (seed 003); optionally write the dataset minus the top-scoring fraction."""
         summary = run_ches(
@@ -486,6 +539,11 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             chat_template=chat_template,
             overwrite=overwrite,
+            data_split=data_split,
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            on_invalid=on_invalid,
         )
         if summary is not None:
             _print(summary)

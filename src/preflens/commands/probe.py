@@ -66,9 +66,20 @@ def run_probe(
     dtype: str = "float32",
     device: str = "cpu",
     chat_template: bool | None = None,
+    max_prompt_length: int | None = 256,
+    data_split: str = "train",
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    on_invalid: str = "error",
     _model_obj: Any = None,
 ) -> dict[str, Any]:
-    """Measure every pair of `data` (up to `max_pairs`), write the per-pair parquet, return a summary."""
+    """Measure every pair of `data` (up to `max_pairs`), write the per-pair parquet, return a summary.
+
+    `data_split`, the `*_field` names and `on_invalid` are `load_pairs`'s; `max_length`,
+    `max_prompt_length` and `chat_template` tokenize as `preflens train` does, so the probed
+    sequences are the ones a run trains on. `token_level` N measures the N lowest pair ids.
+    """
     import pandas as pd
     import torch
 
@@ -91,7 +102,15 @@ def run_probe(
             f"--loss {loss} weighs tokens individually: its margin weights are per token, not per sequence; "
             "probe it with --loss dpo (the same sentence-level gradients)"
         )
-    pairs, _ = load_pairs(data, limit=max_pairs)
+    pairs, load_report = load_pairs(
+        data,
+        limit=max_pairs,
+        split=data_split,
+        prompt_field=prompt_field,
+        chosen_field=chosen_field,
+        rejected_field=rejected_field,
+        on_invalid=on_invalid,  # type: ignore[arg-type]
+    )
     if _model_obj is not None:
         lm, tok = _model_obj
     else:
@@ -104,13 +123,17 @@ def run_probe(
         lm = apply_lora(lm, rank=lora_rank, alpha=2.0 * lora_rank, target_modules="all-linear")
     lm.eval()
     dev = next(lm.parameters()).device
-    items, _ = tokenize_pairs(pairs, tok, max_length=max_length, chat_template=chat_template)
+    items, _ = tokenize_pairs(
+        pairs, tok, max_length=max_length, max_prompt_length=max_prompt_length, chat_template=chat_template
+    )
     if not items:
         raise PreflensError(f"{data}: no pairs left after tokenization")
     items = sorted(items, key=lambda it: (it.length, it.pair_id))  # little padding per batch
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows: list[dict[str, Any]] = []
-    token_left = token_level
+    # the token-level contrast (one forward row per response token) for the first N pairs by id;
+    # the batches below are sorted by length, so "the first N batch rows" would be the N shortest
+    token_ids = set(sorted(it.pair_id for it in items)[: max(token_level, 0)])
     for start in range(0, len(items), batch_size):
         batch = collate_pairs(items[start : start + batch_size], pad)
         batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -137,16 +160,18 @@ def run_probe(
         for i, r in enumerate(brows):
             r.pop("step", None)
             r["chosen_len"], r["rejected_len"] = int(lengths[i]), int(lengths[b + i])
-            if token_left > 0:
+            if pid[i] in token_ids:
                 te = token_entanglement(lm, batch, i).summary()
                 r.update({f"token/{k}": v for k, v in te.items()})
-                token_left -= 1
         rows.extend(brows)
     df = pd.DataFrame(rows).sort_values("pair_id", kind="stable").reset_index(drop=True)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(output, index=False)
-    return _summary(df, loss, output)
+    out = _summary(df, loss, output)
+    if load_report.n_dropped:
+        out["invalid_rows_dropped"] = dict(load_report.dropped)
+    return out
 
 
 def _summary(df: Any, loss: str, output: Path) -> dict[str, Any]:
@@ -191,6 +216,8 @@ def _print(s: dict[str, Any]) -> None:
                   f"{s['token_frac_negative_mean']:.0%}")  # fmt: skip
         t.add_row("  inner product from shared / differing tokens",
                   f"{s['token_inner_same_tokens_mean']:.3g} / {s['token_inner_different_tokens_mean']:.3g}")  # fmt: skip
+    for reason, count in s.get("invalid_rows_dropped", {}).items():
+        t.add_row(f"invalid rows dropped ({reason})", str(count))
     Console().print(t)
     Console().print(
         "[dim]conditions of Yuan et al. 2024 (Sec. 3), first order, one step per pair; imbalance: seed 004 "
@@ -212,6 +239,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", help="pairs per forward+backward"),
         max_pairs: int = typer.Option(64, "--max-pairs", help="first N pairs of the data (0: all)"),
         max_length: int = typer.Option(512, "--max-length", help="token budget per sequence"),
+        max_prompt_length: int = typer.Option(
+            256, "--max-prompt-length", help="prompt tokens (longer: truncated), as in training"
+        ),
         lora_rank: int = typer.Option(
             0, "--lora-rank", help="gradients over fresh LoRA adapters of this rank"
         ),
@@ -221,6 +251,22 @@ def register(app: typer.Typer) -> None:
         ),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | ..."),
+        chat_template: bool = typer.Option(
+            None, "--chat-template/--no-chat-template", help="default: the tokenizer's template if it has one"
+        ),
+        data_split: str = typer.Option(
+            "train", "--data-split", help="split of a save_to_disk directory / DatasetDict"
+        ),
+        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
+        chosen_field: str = typer.Option(
+            "chosen", "--chosen-field", help="column holding the chosen response"
+        ),
+        rejected_field: str = typer.Option(
+            "rejected", "--rejected-field", help="column holding the rejected response"
+        ),
+        on_invalid: str = typer.Option(
+            "error", "--on-invalid", help="error | drop (drop invalid rows and count them)"
+        ),
     ) -> None:
         """Per-pair gradient entanglement (seed 000) and imbalance (seed 004) of a dataset, without training."""
         summary = run_probe(
@@ -237,5 +283,12 @@ def register(app: typer.Typer) -> None:
             token_level=token_level,
             dtype=dtype,
             device=device,
+            chat_template=chat_template,
+            max_prompt_length=max_prompt_length,
+            data_split=data_split,
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            on_invalid=on_invalid,
         )
         _print(summary)
