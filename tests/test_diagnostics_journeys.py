@@ -180,3 +180,75 @@ def test_probe_token_level_takes_the_first_pairs(tiny_dir: Path, tmp_path: Path)
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     assert df.loc[df["token/sentence_inner"].notna(), "pair_id"].tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# preflens train --probe-every / --probe-pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_cfg(tmp_path: Path, n: int, **kw):
+    from preflens.train import TrainConfig
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(n, seed=0))
+    base = dict(
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        steps=2,
+        batch_size=4,
+        lr=1e-2,
+        eval_every=0,
+        save_every=0,
+        report_to="none",
+        progress=False,
+        probe_every=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_probe_set_has_the_pairs_asked_for_when_the_eval_split_is_small(tmp_path: Path) -> None:
+    """`preflens train --data 12pairs.jsonl --probe-every 2 --probe-pairs 4`: the default eval split
+    of 12 pairs has 1 pair, and the probe set silently had 1 pair instead of 4. It now takes the eval
+    pairs and fills up with train pairs (by pair id), each row with its own split and reference."""
+    import pandas as pd
+
+    from preflens.models import tiny_model
+    from preflens.train import train
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    run = train(_train_cfg(tmp_path, 12, probe_pairs=4, eval_fraction=0.1), model=model, tokenizer=tok)
+    probes = pd.read_parquet(run / "probes.parquet")
+    assert (probes.groupby("step").size() == 4).all()
+    s0 = probes[probes.step == 0]
+    assert s0["split"].tolist().count("eval") == 1 and s0["split"].tolist().count("train") == 3
+    train_ids = s0.loc[s0.split == "train", "pair_id"].tolist()
+    assert train_ids == sorted(train_ids) and len(set(train_ids)) == 3
+    # before step 1 the model is the reference: every row's reference is its own log-prob
+    assert (s0["chosen"] - s0["ref_chosen"]).abs().max() < 1e-4
+    assert (s0["rejected"] - s0["ref_rejected"]).abs().max() < 1e-4
+
+
+def test_probe_frac_chosen_fell_after_resume_is_against_step_0(tmp_path: Path) -> None:
+    """`preflens train --probe-every 2 --steps 2`, then `--resume --steps 4`: probe/frac_chosen_fell
+    at step 4 must compare with the start of training (as an uninterrupted run does), not with the
+    first probe after the resume."""
+    import pandas as pd
+
+    from preflens.models import tiny_model
+    from preflens.train import train
+
+    cfg = _train_cfg(tmp_path, 16, probe_pairs=4, eval_fraction=0.25, steps=2, save_every=2, lr=5e-2)
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    train(cfg, model=model, tokenizer=tok)
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    cfg.steps, cfg.resume = 6, True
+    run = train(cfg, model=model, tokenizer=tok)
+    probes = pd.read_parquet(run / "probes.parquet")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for step in (4, 6):
+        agg = [r for r in rows if r["split"] == "probe" and r["step"] == step][-1]
+        now = probes[probes.step == step].set_index("pair_id")["chosen"]
+        start = probes[probes.step == 0].set_index("pair_id")["chosen"]
+        expected = float((now < start.loc[now.index]).mean())
+        assert agg["probe/frac_chosen_fell"] == pytest.approx(expected), step

@@ -261,8 +261,10 @@ class StepEntanglement:
 class ProbeCallback(TrainerCallback):
     """Adds probes to `preflens.train.Trainer` (`--probe-every K --probe-pairs P --step-entanglement`).
 
-    The probe set is the first P pairs (by pair id) of the eval split, else of the train split, with
-    their cached reference log-probs. It is probed before step 1 and every K optimizer steps.
+    The probe set is the first P pairs (by pair id) of the eval split, filled up with the first
+    train pairs when the eval split has fewer than P, each with its cached reference log-probs and
+    its split in the `split` column. It is probed before step 1 and every K optimizer steps; a
+    resumed run takes its first and latest probe back from probes.parquet.
     """
 
     def __init__(self, every: int, pairs: int, step_entanglement: bool = False) -> None:
@@ -301,12 +303,21 @@ class ProbeCallback(TrainerCallback):
             trainer.manual_grad_sync = trainer.accelerator.num_processes > 1
         if self.every <= 0 or self.pairs <= 0:
             return
-        split = "eval" if trainer.eval_items else "train"
-        items = sorted(trainer.eval_items or trainer.train_items, key=lambda it: it.pair_id)[: self.pairs]
+        # The first P eval pairs; when the eval split is smaller (12 pairs at --eval-fraction 0.1 hold
+        # 1), filled up with the first train pairs, so the probe set has the size asked for.
+        chosen_items = [
+            ("eval", it) for it in sorted(trainer.eval_items, key=lambda it: it.pair_id)[: self.pairs]
+        ]
+        more = self.pairs - len(chosen_items)
+        chosen_items += [
+            ("train", it) for it in sorted(trainer.train_items, key=lambda it: it.pair_id)[:more]
+        ]
+        self.splits = [split for split, _ in chosen_items]
+        items = [it for _, it in chosen_items]
         batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
         dev = trainer.accelerator.device
         batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        ref = trainer.ref_table[split][batch["pair_index"]]
+        ref = torch.stack([trainer.ref_table[split][it.pair_id] for split, it in chosen_items])
         model = trainer.accelerator.unwrap_model(trainer.model)
         ref_tokens = None
         if trainer.needs_tokens:
@@ -317,23 +328,64 @@ class ProbeCallback(TrainerCallback):
                 )
             from torch.nn.utils.rnn import pad_sequence
 
-            cached = trainer.reference[split]
-            ids = [int(i) for i in batch["pair_index"].tolist()]
             ref_tokens = tuple(
-                pad_sequence([cached[i][key].float() for i in ids], batch_first=True)
+                pad_sequence(
+                    [trainer.reference[split][it.pair_id][key].float() for split, it in chosen_items],
+                    batch_first=True,
+                )
                 for key in ("chosen_tokens", "rejected_tokens")
             )
         self.runner = ProbeRunner(
             model, batch, trainer.loss_fn, (ref[:, 0], ref[:, 1]), ref_tokens=ref_tokens
         )
-        self.split = split
         if trainer.state.step == 0:
             self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])
+        else:
+            self._restore(trainer.tracker.table("probes").rows)
+
+    def _restore(self, rows: list[dict[str, Any]]) -> None:
+        """On resume: the first and the latest probe of the run so far, from probes.parquet's rows.
+
+        Without them `probe/frac_chosen_fell` would compare with the first probe *after* the resume
+        (not with the start of training) and the first observed change would be missing. Left as is
+        when the saved probes are of another probe set (e.g. --probe-pairs changed).
+        """
+        runner = self.runner
+        if runner is None or not rows:
+            return
+        by_step: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
+        for r in rows:
+            by_step.setdefault(int(r["step"]), {})[(str(r.get("split")), int(r["pair_id"]))] = r
+        keys = list(zip(self.splits, runner.pair_ids))
+
+        def column(step: int, name: str) -> Tensor | None:
+            table = by_step[step]
+            if not all(k in table and name in table[k] for k in keys):
+                return None
+            return torch.tensor([float(table[k][name]) for k in keys])
+
+        first, last = min(by_step), max(by_step)
+        c0, r0 = column(first, "chosen"), column(first, "rejected")
+        if c0 is None or r0 is None:
+            return
+        runner.first = (c0, r0)
+        prev = {
+            n: column(last, n)
+            for n in ("chosen", "rejected", "batch_pred_delta_chosen", "batch_pred_delta_rejected")
+        }
+        if all(v is not None for v in prev.values()):
+            runner.prev = {
+                "step": last,
+                "chosen": prev["chosen"],
+                "rejected": prev["rejected"],
+                "pred_c": prev["batch_pred_delta_chosen"],
+                "pred_r": prev["batch_pred_delta_rejected"],
+            }
 
     def _probe(self, trainer: Any, step: int, lr: float) -> None:
         rows, agg = self.runner.run(step, lr)  # type: ignore[union-attr]
-        for r in rows:
-            r["split"] = self.split
+        for r, split in zip(rows, self.splits):
+            r["split"] = split
         trainer.tracker.table("probes").append(rows)
         trainer.tracker.log({"step": step, "split": "probe", **agg})
 
