@@ -252,3 +252,70 @@ def test_probe_frac_chosen_fell_after_resume_is_against_step_0(tmp_path: Path) -
         start = probes[probes.step == 0].set_index("pair_id")["chosen"]
         expected = float((now < start.loc[now.index]).mean())
         assert agg["probe/frac_chosen_fell"] == pytest.approx(expected), step
+
+
+# ---------------------------------------------------------------------------------------------
+# impossible settings: one-line errors naming the flag, not tracebacks from torch/transformers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--lr", "-1"], "--lr"),  # was: ValueError from torch.optim.RMSprop
+        (["--beta", "0"], "--beta"),  # was: a run whose loss has no gradient
+    ],
+)
+def test_displacement_rejects_impossible_settings(tiny_dir: Path, flags: list[str], flag: str) -> None:
+    """`preflens displacement --prompt p --chosen good --rejected bad --lr -1`."""
+    from preflens.commands.displacement import run_displacement
+    from preflens.errors import PreflensError
+
+    lr = float(flags[1]) if flags[0] == "--lr" else 1e-6
+    beta = float(flags[1]) if flags[0] == "--beta" else 0.1
+    with pytest.raises(PreflensError, match=flag):
+        run_displacement(
+            model=str(tiny_dir), prompt="is it", chosen="good", rejected="bad", steps=1, lr=lr, beta=beta
+        )
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),  # was: ValueError from GenerationConfig
+        (["--batch-size", "0"], "--batch-size"),  # was: ValueError: range() arg 3 must not be zero
+        (["--top-p", "0"], "--top-p"),  # was: accepted (top-p 0 keeps no token)
+        (["--top-p", "1.5"], "--top-p"),
+        (["--std-threshold", "-1"], "--std-threshold"),  # was: accepted, nothing could be "small"
+    ],
+)
+def test_reward_std_rejects_impossible_settings(
+    tiny_dir: Path, tmp_path: Path, flags: list[str], flag: str
+) -> None:
+    """`preflens reward-std --prompts p.jsonl --reward keyword:good --max-new-tokens 0` etc."""
+    from preflens.errors import PreflensError
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "is it"}, {"prompt": "the dog"}])
+    res = _cli("reward-std", "--model", tiny_dir, "--prompts", prompts, "--reward", "keyword:good", "-k", "2",
+               "-o", tmp_path / "out", *flags)  # fmt: skip
+    assert isinstance(res.exception, PreflensError), res.exception
+    assert flag in str(res.exception)
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--lr", "-1"], "--lr"),  # was: ValueError from torch.optim
+        (["--kl-coef", "-1"], "--kl-coef"),  # was: accepted (a bonus for moving away from the reference)
+        (["--top-p", "0"], "--top-p"),
+    ],
+)
+def test_rft_rejects_impossible_settings(tiny_dir: Path, tmp_path: Path, flags: list[str], flag: str) -> None:
+    """`preflens rft --prompts p.jsonl --reward keyword:good --lr -1` etc."""
+    from preflens.errors import PreflensError
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "is it"}, {"prompt": "the dog"}])
+    res = _cli("rft", "--model", tiny_dir, "--prompts", prompts, "--reward", "keyword:good", "-k", "2",
+               "--steps", "1", "--max-new-tokens", "2", "-o", tmp_path / "run", *flags)  # fmt: skip
+    assert isinstance(res.exception, PreflensError), res.exception
+    assert flag in str(res.exception)

@@ -457,6 +457,17 @@ def _validate(config: RFTConfig, rows: list[PromptRow]) -> None:
         raise PreflensError(f"--grad-method must be auto, loop or gram, got {config.grad_method!r}")
     if config.max_new_tokens < 1:
         raise PreflensError("--max-new-tokens must be >= 1")
+    from preflens.diagnostics.reward_std import check_sampling
+
+    check_sampling(temperature=config.temperature, top_p=config.top_p, std_threshold=config.std_threshold)
+    for name, lr in (("--lr", config.lr), ("--sft-lr", config.sft_lr)):
+        if lr is not None and not lr > 0:
+            raise PreflensError(f"{name} must be > 0, got {lr}")
+    if config.kl_coef < 0:
+        raise PreflensError(
+            f"--kl-coef must be >= 0 (a penalty on log pi - log pi_ref), got {config.kl_coef}: "
+            "a negative value rewards moving away from the reference"
+        )
     if config.initial_sft and not any(r.reference is not None for r in rows):
         raise PreflensError(
             "--initial-sft needs labelled completions: add a `reference` field to (some of) the prompts"

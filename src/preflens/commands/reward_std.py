@@ -68,6 +68,7 @@ def run_reward_std(
 
     from preflens.diagnostics.reward_std import (
         RewardStdResult,
+        check_sampling,
         load_prompts,
         reward_std_diagnostic,
         summarize,
@@ -81,6 +82,14 @@ def run_reward_std(
         raise PreflensError(
             f"-k must be at least 2 (reward std and the RLOO baseline need two samples), got {k}"
         )
+    # before the model is loaded: a typo costs no model load
+    check_sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        std_threshold=std_threshold,
+    )
     rew = get_reward(reward)
     rows = load_prompts(prompts, need_reference=rew.needs_reference)
     lm, tok = _load(model, device, dtype)

@@ -181,6 +181,10 @@ def single_token_dpo(
             raise PreflensError(f"{name} token id {tid} is outside the vocabulary (size {vocab})")
     if chosen_id == rejected_id:
         raise PreflensError("chosen and rejected are the same token; DPO has nothing to prefer")
+    if not lr > 0:
+        raise PreflensError(f"--lr must be > 0, got {lr}")
+    if not beta > 0:
+        raise PreflensError(f"--beta must be > 0 (DPO's inverse temperature), got {beta}")
 
     if mode == "features":
         free = _FreeFeatures(_last_hidden(model, prompt_ids), head.weight)

@@ -162,6 +162,39 @@ class Samples:
         return self.input_ids[sl, :t], am[:, :t], self.response_mask[sl, :t]
 
 
+def check_sampling(
+    *,
+    k: int | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    batch_size: int | None = None,
+    std_threshold: float | None = None,
+) -> None:
+    """Refuse settings with no meaning before any model is loaded (shared by reward-std and rft).
+
+    Without this, `--max-new-tokens 0` or `--batch-size 0` surface as tracebacks from transformers or
+    from `range()`, and `--top-p 0` or a negative `--std-threshold` run to the end with numbers that
+    mean nothing (no token survives top-p 0; no std is below a negative threshold).
+    """
+    if k is not None and k < 2:
+        raise PreflensError(
+            f"-k must be at least 2 (the reward std and the RLOO baseline need K >= 2), got {k}"
+        )
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise PreflensError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature is not None and not temperature > 0:
+        raise PreflensError(f"--temperature must be > 0 (sampling), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PreflensError(f"--top-p must be in (0, 1] (1: sample from the model itself), got {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise PreflensError(f"--batch-size must be >= 1, got {batch_size}")
+    if std_threshold is not None and std_threshold < 0:
+        raise PreflensError(
+            f"--std-threshold must be >= 0 (a reward std in reward units), got {std_threshold}"
+        )
+
+
 def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
@@ -191,12 +224,7 @@ def sample_completions(
     """
     from transformers import GenerationConfig
 
-    if k < 2:
-        raise PreflensError(
-            f"-k must be at least 2 (the reward std and the RLOO baseline need K >= 2), got {k}"
-        )
-    if temperature <= 0:
-        raise PreflensError(f"--temperature must be > 0 (sampling), got {temperature}")
+    check_sampling(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     device = next(model.parameters()).device
     eos = _eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -420,6 +448,14 @@ def reward_std_diagnostic(
     the caller can save `result` from its exception handler) and `on_batch` is called after each
     batch (e.g. to write the partial parquet).
     """
+    check_sampling(
+        k=k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        std_threshold=std_threshold,
+    )
     result = result if result is not None else RewardStdResult(rows=[], samples=[])
     encoded = [encode_prompt(tokenizer, r.prompt, chat_template) for r in prompts]
     for start in range(0, len(prompts), batch_size):
