@@ -319,3 +319,74 @@ def test_rft_rejects_impossible_settings(tiny_dir: Path, tmp_path: Path, flags: 
                "--steps", "1", "--max-new-tokens", "2", "-o", tmp_path / "run", *flags)  # fmt: skip
     assert isinstance(res.exception, PreflensError), res.exception
     assert flag in str(res.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# reward-std / rft prompts in TRL's prompt-only format
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_prompts_reads_trl_prompt_only_datasets(tmp_path: Path) -> None:
+    """`preflens reward-std --prompts grpo.parquet --reference-field solution`: TRL's GRPO data is
+    prompt-only, often conversational ({"prompt": [{"role": "user", ...}]}) with the answer in a
+    column of its own, and in parquet as often as jsonl. load_prompts read jsonl with a string
+    `prompt` and a `reference` column only."""
+    import pandas as pd
+
+    from preflens.diagnostics.reward_std import load_prompts
+
+    conv = [
+        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good"}],
+         "solution": "good"},
+        {"prompt": [{"role": "user", "content": "the dog is"}], "solution": "brown"},
+    ]  # fmt: skip
+    for path in (tmp_path / "p.jsonl", tmp_path / "p.json", tmp_path / "p.parquet"):
+        if path.suffix == ".jsonl":
+            _write_jsonl(path, conv)
+        elif path.suffix == ".json":
+            path.write_text(json.dumps(conv))
+        else:
+            pd.DataFrame(conv).to_parquet(path)
+        rows = load_prompts(path, need_reference=True, reference_field="solution")
+        assert [r.reference for r in rows] == ["good", "brown"], path
+        assert rows[0].messages == conv[0]["prompt"], path
+        assert rows[0].prompt == "is it good"  # the text shown in tables and given to rewards: the user turn
+    pd.DataFrame([{"question": "is it", "answer": "good"}]).to_csv(tmp_path / "q.csv", index=False)
+    rows = load_prompts(tmp_path / "q.csv", prompt_field="question", reference_field="answer")
+    assert (rows[0].prompt, rows[0].reference, rows[0].messages) == ("is it", "good", None)
+
+
+def test_conversational_prompt_goes_through_the_chat_template(tiny_dir: Path, tmp_path: Path) -> None:
+    """The system turn of a conversational prompt must reach the model: encode_prompt renders the
+    whole conversation with the tokenizer's template (TRL's maybe_apply_chat_template)."""
+    from transformers import AutoTokenizer
+
+    from preflens.diagnostics.reward_std import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "is it good"}]
+    want = tok(
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    assert encode_prompt(tok, "is it good", messages=msgs) == list(want["input_ids"])
+
+
+def test_reward_std_and_rft_cli_on_conversational_parquet(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens reward-std --prompts grpo.parquet --reference-field solution --reward exact` and the
+    same for `preflens rft`, end to end."""
+    import pandas as pd
+
+    conv = [
+        {"prompt": [{"role": "user", "content": q}], "solution": a}
+        for q, a in (("is it", "good"), ("a", "dog"))
+    ]
+    pd.DataFrame(conv).to_parquet(tmp_path / "grpo.parquet")
+    res = _cli("reward-std", "--model", tiny_dir, "--prompts", tmp_path / "grpo.parquet", "--reward", "exact",
+               "--reference-field", "solution", "-k", "2", "--max-new-tokens", "2", "-o", tmp_path / "rs")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    df = pd.read_parquet(tmp_path / "rs" / "reward_std.parquet")
+    assert df["prompt"].tolist() == ["is it", "a"]
+    res = _cli("rft", "--model", tiny_dir, "--prompts", tmp_path / "grpo.parquet", "--reward", "exact",
+               "--reference-field", "solution", "-k", "2", "--max-new-tokens", "2", "--steps", "1",
+               "--prompts-per-step", "2", "--initial-sft", "1", "-o", tmp_path / "run")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)

@@ -260,7 +260,7 @@ def train_rft(
         )
 
     device = accelerator.device
-    encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template) for r in rows]
+    encoded = [encode_prompt(tokenizer, r.prompt, config.chat_template, r.messages) for r in rows]
     eos = tokenizer.eos_token_id
     eval_rows = rows[: config.eval_prompts] if config.eval_prompts else rows
     with_ref = [i for i, r in enumerate(rows) if r.reference is not None]

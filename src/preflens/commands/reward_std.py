@@ -62,6 +62,8 @@ def run_reward_std(
     device: str = "auto",
     dtype: str = "float32",
     overwrite: bool = False,
+    prompt_field: str = "prompt",
+    reference_field: str = "reference",
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns the summary dict."""
     import torch
@@ -91,7 +93,12 @@ def run_reward_std(
         std_threshold=std_threshold,
     )
     rew = get_reward(reward)
-    rows = load_prompts(prompts, need_reference=rew.needs_reference)
+    rows = load_prompts(
+        prompts,
+        need_reference=rew.needs_reference,
+        prompt_field=prompt_field,
+        reference_field=reference_field,
+    )
     lm, tok = _load(model, device, dtype)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -183,7 +190,13 @@ def register(app: typer.Typer) -> None:
     @app.command("reward-std")
     def reward_std(
         prompts: Path = typer.Option(
-            ..., "--prompts", help="jsonl with `prompt` and optional `reference` (and `id`)"
+            ...,
+            "--prompts",
+            help="jsonl/json/parquet/csv with `prompt` (text or chat messages), optional `reference` and `id`",
+        ),
+        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
+        reference_field: str = typer.Option(
+            "reference", "--reference-field", help="column holding the labelled completion (e.g. solution)"
         ),
         reward: str = typer.Option(
             ...,
@@ -245,5 +258,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype,
             overwrite=overwrite,
+            prompt_field=prompt_field,
+            reference_field=reference_field,
         )
         _print(summary, output_dir)

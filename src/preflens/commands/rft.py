@@ -52,16 +52,24 @@ def run_rft(
     output_dir: Path,
     resume: bool = False,
     overwrite: bool = False,
+    prompt_field: str = "prompt",
+    reference_field: str = "reference",
     **cfg: Any,
 ) -> dict[str, Any]:
-    """The command's work, callable from Python: `cfg` holds `RFTConfig` fields."""
+    """The command's work, callable from Python: `cfg` holds `RFTConfig` fields; the `*_field`
+    names pick the prompts file's columns (`load_prompts`)."""
     from preflens.diagnostics.reward_std import load_prompts
     from preflens.rewards import get_reward
     from preflens.rft import RFTConfig, prepare_run_dir, train_rft
 
     config = RFTConfig(**cfg)
     rew = get_reward(reward)
-    rows = load_prompts(prompts, need_reference=rew.needs_reference)
+    rows = load_prompts(
+        prompts,
+        need_reference=rew.needs_reference,
+        prompt_field=prompt_field,
+        reference_field=reference_field,
+    )
     # check the run dir before loading a model (fail fast); train_rft re-checks it
     out = Path(output_dir)
     if not resume and not overwrite and out.exists() and any(out.iterdir()):
@@ -84,6 +92,8 @@ def run_rft(
         extra_config={
             "model": model,
             "prompts": str(prompts),
+            "prompt_field": prompt_field,
+            "reference_field": reference_field,
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha,
         },
@@ -94,7 +104,15 @@ def run_rft(
 def register(app: typer.Typer) -> None:
     @app.command("rft")
     def rft(
-        prompts: Path = typer.Option(..., "--prompts", help="jsonl with `prompt` and optional `reference`"),
+        prompts: Path = typer.Option(
+            ...,
+            "--prompts",
+            help="jsonl/json/parquet/csv with `prompt` (text or chat messages), optional `reference` and `id`",
+        ),
+        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
+        reference_field: str = typer.Option(
+            "reference", "--reference-field", help="column holding the labelled completion (e.g. solution)"
+        ),
         reward: str = typer.Option(
             ...,
             "--reward",
@@ -158,6 +176,8 @@ def register(app: typer.Typer) -> None:
             output_dir=output_dir,
             resume=resume,
             overwrite=overwrite,
+            prompt_field=prompt_field,
+            reference_field=reference_field,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             steps=steps,
