@@ -1473,9 +1473,12 @@ class Trainer:
                 self._check_adapter_checkpoint(Path(ckpt))
             if self.state.step > steps:
                 raise RunDirError(f"{ckpt}: the run is at step {self.state.step}, beyond --steps {steps}")
+            self._lr_from_schedule()
             self.tracker.resume_at(self.state.step)
             self._last_saved = self.state.step
             self.say(f"resumed from {ckpt} (step {self.state.step} of {steps})")
+            if acc.is_main_process:  # the next plain --resume must read this length, not the first one
+                write_config(self.run_dir, resolved)
         elif acc.is_main_process:
             write_config(self.run_dir, resolved)
             (self.run_dir / DATA_REPORT_FILE).write_text(json.dumps(self.data_reports, indent=2, default=str))
@@ -1488,6 +1491,26 @@ class Trainer:
             self._check_padding_free()
         self._reference_pass()
         self._batches = self._micro_batches()
+
+    def _lr_from_schedule(self) -> None:
+        """After `load_state`, set the learning rate to what *this* run's schedule gives at the resumed step.
+
+        The checkpoint restores the optimizer's lr as the saved run's schedule left it and the scheduler's
+        step count, while the schedule itself (`--steps`, `--lr`, warm-up) is rebuilt from the current
+        config. Unchanged, both agree and this is a no-op; extending a finished run (`--resume --steps
+        N`) would otherwise apply the exhausted schedule's final lr (0 for linear decay) to the next step.
+        """
+        sched = getattr(self.scheduler, "scheduler", self.scheduler)  # accelerate's wrapper
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if lambdas is None:  # not a LambdaLR (every transformers.get_scheduler schedule is one)
+            return
+        groups = self.optimizer.param_groups
+        sched.base_lrs = [self.config.lr] * len(groups)
+        lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, lambdas)]
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+            group["initial_lr"] = self.config.lr
+        sched._last_lr = lrs
 
     def _check_padding_free(self) -> None:
         """Refuse to train packed unless packing is exact for this model (`logprobs.check_padding_free`)."""

@@ -1,0 +1,99 @@
+"""User journeys through `preflens train` that span several invocations or the CLI path: extending a
+finished run with `--resume --steps N`, resuming it again, and what the run directory records.
+
+Each test drives `commands.train.run_train` (what `preflens train` calls) on a tiny random Llama saved
+to a directory, so the flags, `config.yaml` and the checkpoint are exercised exactly as a user meets them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from preflens.commands.train import run_train
+from preflens.data.synthetic import sentiment_pairs
+from preflens.train import TrainerCallback
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread is much faster than two under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A saved tiny model directory and a small sentiment data file, as a user would have them."""
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = sentiment_pairs(16, seed=0, response_length=4)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def _flags(tmp_path, **kw):
+    base = dict(
+        model=str(tmp_path / "model"),
+        data=str(tmp_path / "pairs.jsonl"),
+        output_dir=str(tmp_path / "run"),
+        batch_size=4,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        report_to="none",
+        progress=False,
+        eval_fraction=0.0,
+    )
+    base.update(kw)
+    return base
+
+
+def _train_rows(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+class _LrSeen(TrainerCallback):
+    """The learning rate the optimizer holds while a step's gradients are computed (what it applies)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def micro_batch_context(self, trainer, batch):
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return None
+
+
+def test_extending_a_finished_run_follows_the_new_schedule_and_can_be_resumed_again(setup, monkeypatch):
+    """`--resume --steps 5` after a 3-step linear run: steps 4 and 5 use the 5-step schedule's
+    lr (1e-3 * (5 - k + 1) / 5 for step k), not the exhausted 3-step one (lr 0 at step 4); config.yaml
+    records the new length, so a later plain `--resume` knows the run is complete."""
+    import preflens.train as train_mod
+
+    seen = _LrSeen()
+    real = train_mod.train
+    monkeypatch.setattr(
+        train_mod, "train", lambda config, **kw: real(config, callbacks=[seen], **kw), raising=True
+    )
+    run = run_train(None, _flags(setup, steps=3))
+    run_train(None, {"resume": True, "output_dir": str(run), "steps": 5, "progress": False})
+
+    lrs = [r["lr"] for r in _train_rows(run)]
+    expected = [1e-3, 1e-3 * 2 / 3, 1e-3 * 1 / 3, 1e-3 * 2 / 5, 1e-3 * 1 / 5]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert seen.lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)  # what AdamW applied
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 5
+
+    # a later `preflens train --resume --output-dir run` (no --steps): complete, not "beyond --steps 3"
+    run_train(None, {"resume": True, "output_dir": str(run), "progress": False})
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5]
