@@ -145,3 +145,81 @@ def test_callback_writes_a_run_dir_that_report_reads(tmp_path):
     page = html.read_text()
     assert "Skipped: no probe rows" not in page and page.count("<img") >= 5
     assert any(f.kind == "entanglement" for f in findings)
+
+
+def _lora_trainer(out, max_steps: int):
+    """A DPOTrainer training fresh LoRA adapters (TRL's reference: the adapters switched off), probing
+    every 2 steps, evaluating and checkpointing every 2 steps."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from preflens.integrations.trl import PreflensCallback
+
+    tok = _tokenizer()
+    args = DPOConfig(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=5e-2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        beta=0.1,
+        dataloader_num_workers=0,
+        max_length=32,
+        bf16=False,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=_model(len(tok)),
+        args=args,
+        train_dataset=_dataset(),
+        eval_dataset=_dataset(6),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.add_callback(PreflensCallback(trainer, probe_pairs=4, probe_every=2))
+    return trainer
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerun_into_the_same_output_dir_starts_fresh_and_resume_continues(tmp_path):
+    """TRL reuses output_dir: a second run must not append to the first one's metrics (the report would
+    show every step twice); `train(resume_from_checkpoint=True)` continues the files, keeps the reference
+    of step 0 (not the resumed, trained policy) and the observed change since the last probe."""
+    out = tmp_path / "out"
+    _lora_trainer(out, 4).train()
+    _lora_trainer(out, 4).train()  # same command again
+    rows = _rows(out)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["split"] == "probe"] == [0, 2, 4]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4]
+    # TRL's eval logs carry `epoch`: it belongs to the eval row, not to a train row of its own
+    assert all("loss" in r for r in rows if r["split"] == "train")
+    assert len(pd.read_parquet(out / "pairs.parquet")) == 3 * 4
+
+    _lora_trainer(out, 6).train(resume_from_checkpoint=True)
+    rows = _rows(out)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["split"] == "probe"] == [0, 2, 4, 6]
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert sorted(pairs["step"]) == sorted([0, 2, 4, 6] * 4)
+    ref = pairs.pivot(index="pair_id", columns="step", values="ref_chosen")
+    start = pairs.pivot(index="pair_id", columns="step", values="chosen")[0]
+    assert (ref[6] - start).abs().max() < 1e-5  # the step-0 policy, i.e. the reference
+    moved = pairs.pivot(index="pair_id", columns="step", values="chosen")[6] - start
+    assert moved.abs().max() > 1e-3  # so the check above can tell the reference from the trained policy
+    pr = pd.read_parquet(out / "probes.parquet")
+    chosen = pairs.pivot(index="pair_id", columns="step", values="chosen")
+    obs = pr[pr["step"] == 6].sort_values("pair_id")["obs_delta_chosen"].to_numpy()
+    torch.testing.assert_close(
+        torch.tensor(obs), torch.tensor((chosen[6] - chosen[4]).to_numpy()), rtol=1e-5, atol=1e-5
+    )

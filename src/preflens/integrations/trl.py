@@ -101,6 +101,7 @@ class PreflensCallback(TrainerCallback):
         self.last_step: int | None = None
         self.probe_rows: list[dict[str, Any]] = []
         self.pair_rows: list[dict[str, Any]] = []
+        self._restored: dict[str, Any] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -161,19 +162,19 @@ class PreflensCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
     ) -> None:
         model = model if model is not None else self.trainer.model
+        resumed = int(state.global_step) > 0
         if state.is_world_process_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-        ref_model = getattr(self.trainer, "ref_model", None)
-        with _eval_mode(model):
-            if ref_model is not None:
-                with _eval_mode(ref_model):
-                    lp = self._logps(ref_model)
-            else:
-                # no separate reference: TRL uses the initial policy (or the base model of a fresh
-                # adapter, which equals the initial policy since LoRA's B starts at zero)
-                lp = self._logps(model)
-        b = len(self.pair_ids)
-        self.ref = (lp[:b], lp[b:])
+        if resumed:
+            self._resume_files(int(state.global_step), main=state.is_world_process_zero)
+        elif state.is_world_process_zero:
+            # TRL reuses output_dir: a new run's rows must not be appended to an earlier run's
+            for name in ("metrics.jsonl", "pairs.parquet", "probes.parquet"):
+                (self.out / name).unlink(missing_ok=True)
+        if self.ref is None:
+            lp = self._reference_logps(model)
+            b = len(self.pair_ids)
+            self.ref = (lp[:b], lp[b:])
         if state.is_world_process_zero:
             (self.out / "preflens_probe.json").write_text(
                 json.dumps(
@@ -181,13 +182,91 @@ class PreflensCallback(TrainerCallback):
                         "source": "trl",
                         "loss": self.loss_name,
                         "probe_split": self.probe_split,
-                        "probe_pairs": b,
+                        "probe_pairs": len(self.pair_ids),
                         "probe_every": self.probe_every,
                     },
                     indent=1,
                 )
             )
+        if resumed and self.last_step == int(state.global_step):
+            return  # this step was probed before the checkpoint was written
         self._probe(model, state, lr=_current_lr(kw.get("lr_scheduler"), args))
+
+    def _reference_logps(self, model: nn.Module) -> Tensor:
+        """The probe set's reference log-probs [2B], from the model TRL uses as the reference.
+
+        A separate `ref_model`; else (PEFT) the policy with the adapters switched off, or TRL's "ref"
+        copy of a pre-trained adapter; else (`precompute_ref_log_probs`) the policy itself, which is
+        the reference only at step 0 (a resumed run takes the reference from pairs.parquet instead).
+        """
+        ref_model = getattr(self.trainer, "ref_model", None)
+        with _eval_mode(model):
+            if ref_model is not None:
+                with _eval_mode(ref_model):
+                    return self._logps(ref_model)
+            unwrapped = self.trainer.accelerator.unwrap_model(model)
+            if hasattr(unwrapped, "peft_config"):
+                from trl.trainer.utils import use_adapter
+
+                name = "ref" if "ref" in unwrapped.peft_config else None
+                with use_adapter(unwrapped, adapter_name=name):
+                    return self._logps(model)
+            return self._logps(model)
+
+    def _resume_files(self, step: int, *, main: bool) -> None:
+        """`train(resume_from_checkpoint=...)`: keep what the run wrote up to the checkpoint's step.
+
+        Rows logged after the checkpoint are dropped (they are logged again); the probe tables are read
+        back, so pairs.parquet keeps the earlier probes, the reference is the one of step 0 (the resumed
+        policy is not the reference) and the first observed change compares with the last probe.
+        """
+        import pandas as pd
+
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file() and main:
+            kept = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and int(json.loads(line).get("step", 0)) <= step
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        pairs_file, probes_file = self.out / "pairs.parquet", self.out / "probes.parquet"
+        if not pairs_file.is_file():
+            return
+        pairs = pd.read_parquet(pairs_file)
+        pairs = pairs[pairs["step"] <= step]
+        if pairs.empty or not set(self.pair_ids) <= set(pairs["pair_id"]):
+            return  # another probe set (e.g. probe_pairs changed): start the tables afresh
+        self.pair_rows = pairs.to_dict("records")
+        self.last_step = int(pairs["step"].max())
+        first = pairs[pairs["step"] == pairs["step"].min()].set_index("pair_id").loc[self.pair_ids]
+        self.ref = (
+            torch.tensor(first["ref_chosen"].to_numpy(), dtype=torch.float32),
+            torch.tensor(first["ref_rejected"].to_numpy(), dtype=torch.float32),
+        )
+        self.start = torch.tensor(first["chosen"].to_numpy(), dtype=torch.float32)
+        if not (self.entanglement and probes_file.is_file()):
+            return
+        probes = pd.read_parquet(probes_file)
+        probes = probes[probes["step"] <= step]
+        if probes.empty:
+            return
+        self.probe_rows = probes.to_dict("records")
+        last = probes[probes["step"] == probes["step"].max()].set_index("pair_id").loc[self.pair_ids]
+
+        def col(frame: Any, name: str) -> Tensor:
+            return torch.tensor(frame[name].to_numpy(), dtype=torch.float32)
+
+        self._restored = {
+            "first": (col(first, "chosen"), col(first, "rejected")),
+            "prev": {
+                "step": int(probes["step"].max()),
+                "chosen": col(last, "chosen"),
+                "rejected": col(last, "rejected"),
+                "pred_c": col(last, "batch_pred_delta_chosen"),
+                "pred_r": col(last, "batch_pred_delta_rejected"),
+            },
+        }
 
     def on_step_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
@@ -217,6 +296,9 @@ class PreflensCallback(TrainerCallback):
                 ev[k[len("eval_") :]] = float(v)
             else:
                 train["lr" if k == "learning_rate" else k] = float(v)
+        if ev and set(train) <= {"epoch"}:  # TRL's eval logs carry the epoch: part of the eval row
+            ev.update(train)
+            train = {}
         if train:
             self._write_metrics({"step": int(state.global_step), "split": "train", **train})
         if ev:
@@ -286,6 +368,8 @@ class PreflensCallback(TrainerCallback):
             self.runner = ProbeRunner(model, batch, self.loss_fn, ref=ref)
             if prev is not None:
                 self.runner.first, self.runner.prev = prev
+            elif self._restored is not None:  # a resumed run: the probes written before the checkpoint
+                self.runner.first, self.runner.prev = self._restored["first"], self._restored["prev"]
         with _keep_grads(model):
             return self.runner.run(step, lr=lr)
 
