@@ -390,3 +390,94 @@ def test_reward_std_and_rft_cli_on_conversational_parquet(tiny_dir: Path, tmp_pa
                "--reference-field", "solution", "-k", "2", "--max-new-tokens", "2", "--steps", "1",
                "--prompts-per-step", "2", "--initial-sft", "1", "-o", tmp_path / "run")  # fmt: skip
     assert res.exit_code == 0, (res.output, res.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained run's LoRA adapter (`--model RUN/final`) in the gradient diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the tiny model with non-zero A and B (as after training), saved like `final/`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preflens.models import apply_lora
+
+    out = tmp_path_factory.mktemp("adapter") / "final"
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = apply_lora(base, rank=2, alpha=4, target_modules="all-linear")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
+def _adapter_inner(adapter: Path, data: Path, pair: int) -> float:
+    """<g_w, g_l> over the adapter's LoRA matrices by plain autograd, one sequence at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preflens.data.collate import tokenize_pairs
+    from preflens.data.formats import load_pairs
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    items, _ = tokenize_pairs(load_pairs(data)[0], tok)
+    it = next(i for i in items if i.pair_id == pair)
+    grads = []
+    for resp in (it.chosen_ids, it.rejected_ids):
+        ids = torch.tensor([list(it.prompt_ids) + list(resp)])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        start = len(it.prompt_ids)
+        total = logp[start - 1 :, :].gather(1, ids[0, start:, None]).sum()
+        grads.append(torch.autograd.grad(total, params))
+    return float(sum((a * b).sum() for a, b in zip(*grads)))
+
+
+def test_probe_reward_std_rft_take_a_trained_adapter(adapter_dir: Path, tmp_path: Path) -> None:
+    """`preflens probe --model RUN/final`: a saved adapter loads frozen, and probe/reward-std said
+    "the model has no trainable parameters" (rft: a ValueError from torch.optim). The adapter's LoRA
+    matrices are what a further run trains, so they are what the gradients are over."""
+    import pandas as pd
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(3))
+    res = _cli("probe", "--model", adapter_dir, "--data", data, "-o", tmp_path / "p.parquet")
+    assert res.exit_code == 0, (res.output, res.exception)
+    df = pd.read_parquet(tmp_path / "p.parquet").set_index("pair_id")
+    assert df.loc[1, "inner"] == pytest.approx(_adapter_inner(adapter_dir, data, 1), rel=1e-4)
+
+    prompts = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "is it"}, {"prompt": "the dog"}])
+    common = ["--prompts", prompts, "--reward", "keyword:good", "-k", "2", "--max-new-tokens", "2"]
+    res = _cli("reward-std", "--model", adapter_dir, *common, "-o", tmp_path / "rs")
+    assert res.exit_code == 0, (res.output, res.exception)
+    res = _cli("rft", "--model", adapter_dir, *common, "--steps", "1", "-o", tmp_path / "run")
+    assert res.exit_code == 0, (res.output, res.exception)
+
+
+@pytest.mark.parametrize("command", ["probe", "rft"])
+def test_lora_rank_on_an_adapter_is_a_one_line_error(adapter_dir: Path, tmp_path: Path, command: str) -> None:
+    """`preflens probe --model RUN/final --lora-rank 4`: was an AttributeError from inside peft."""
+    from preflens.errors import PreflensError
+
+    if command == "probe":
+        data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(2))
+        args = ["probe", "--data", data, "-o", tmp_path / "p.parquet"]
+    else:
+        prompts = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "is it"}])
+        args = ["rft", "--prompts", prompts, "--reward", "keyword:good", "-k", "2", "--steps", "1",
+                "--max-new-tokens", "2", "-o", tmp_path / "run"]  # fmt: skip
+    res = _cli(*args, "--model", adapter_dir, "--lora-rank", "4")
+    assert isinstance(res.exception, PreflensError), res.exception
+    assert "--lora-rank" in str(res.exception) and "adapter" in str(res.exception)

@@ -711,6 +711,33 @@ def apply_lora(
         ) from e
 
 
+def with_trainable_adapters(model: Any, lora_rank: int = 0, lora_alpha: float | None = None) -> Any:
+    """The model whose gradients a diagnostic or a run is about: fresh LoRA adapters or a saved adapter.
+
+    A plain model with `lora_rank` R gets fresh adapters on every linear layer (alpha 2R by default,
+    as `preflens train --lora-rank`). A saved adapter (a run's `final/`, which `load_model` returns as
+    a frozen `PeftModel`) gets its LoRA matrices unfrozen: they are what a further run would train,
+    so they are what the gradient statistics are over. Asking for fresh adapters on top of a saved
+    one is refused: peft cannot stack them, and which adapter was meant is the user's call.
+    """
+    is_peft = hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+    if is_peft:
+        if lora_rank > 0:
+            raise PreflensError(
+                f"--lora-rank {lora_rank}: the model is already a LoRA adapter (a saved adapter directory); "
+                "its adapters are the trainable parameters: drop --lora-rank, or pass the base model to get fresh ones"
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+        return model
+    if lora_rank > 0:
+        alpha = lora_alpha if lora_alpha is not None else 2.0 * lora_rank
+        return apply_lora(model, rank=lora_rank, alpha=alpha, target_modules="all-linear")
+    return model
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) for every parameter that requires grad, in module order, shared ones once.
 

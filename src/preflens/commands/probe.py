@@ -117,10 +117,10 @@ def run_probe(
         from preflens.models import load_model
 
         lm, tok = load_model(model, dtype=dtype, device=device)
-    if lora_rank > 0:
-        from preflens.models import apply_lora
+    from preflens.models import with_trainable_adapters
 
-        lm = apply_lora(lm, rank=lora_rank, alpha=2.0 * lora_rank, target_modules="all-linear")
+    # fresh adapters (--lora-rank), or a saved adapter (RUN/final) unfrozen: what a run would train
+    lm = with_trainable_adapters(lm, lora_rank)
     lm.eval()
     dev = next(lm.parameters()).device
     items, _ = tokenize_pairs(

@@ -100,6 +100,9 @@ def run_reward_std(
         reference_field=reference_field,
     )
     lm, tok = _load(model, device, dtype)
+    from preflens.models import with_trainable_adapters
+
+    lm = with_trainable_adapters(lm)  # a saved adapter (RUN/final): gradients over its LoRA matrices
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     result = RewardStdResult(rows=[], samples=[])

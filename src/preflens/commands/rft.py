@@ -75,11 +75,11 @@ def run_rft(
     if not resume and not overwrite and out.exists() and any(out.iterdir()):
         prepare_run_dir(out, overwrite=False, resume=False)
     lm, tok = _load(model)
-    if lora_rank:
-        from preflens.models import apply_lora
+    from preflens.models import with_trainable_adapters
 
-        # all linear layers, alpha = 2 x rank by default, as `preflens train --lora-rank`
-        lm = apply_lora(lm, rank=lora_rank, alpha=lora_alpha or 2.0 * lora_rank, target_modules="all-linear")
+    # all linear layers, alpha = 2 x rank by default, as `preflens train --lora-rank`; a saved
+    # adapter (RUN/final) is trained further as it is
+    lm = with_trainable_adapters(lm, lora_rank or 0, lora_alpha or None)
     return train_rft(
         lm,
         tok,
