@@ -97,3 +97,28 @@ def test_extending_a_finished_run_follows_the_new_schedule_and_can_be_resumed_ag
     # a later `preflens train --resume --output-dir run` (no --steps): complete, not "beyond --steps 3"
     run_train(None, {"resume": True, "output_dir": str(run), "progress": False})
     assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5]
+
+
+def test_normalized_loss_logs_and_plots_the_dpo_loss_for_train_and_eval(setup):
+    """`--loss normalized` optimizes a surrogate whose value (about 0) is not a loss level; its eval rows
+    hold DPO's loss. Both splits must carry `loss/dpo` (eval: mean -log sigma(beta * margin) over the
+    eval pairs, checked against pairs.parquet) and the report's loss figure must draw that, not the
+    surrogate against DPO."""
+    import math
+
+    import pandas as pd
+
+    from preflens.report import generate_report
+
+    run = run_train(None, _flags(setup, loss="normalized", steps=2, eval_fraction=0.25))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r["split"] == "eval"]
+    pairs = pd.read_parquet(run / "pairs.parquet").query("split == 'eval'")
+    for r in ev:
+        p = pairs[pairs["step"] == r["step"]]
+        margin = (p["chosen"] - p["ref_chosen"]) - (p["rejected"] - p["ref_rejected"])
+        dpo = sum(math.log1p(math.exp(-0.1 * m)) for m in margin) / len(margin)
+        assert r["loss/dpo"] == pytest.approx(dpo, rel=1e-6)
+    assert all("loss/dpo" in r for r in rows if r["split"] == "train")
+    html, _ = generate_report(run)
+    assert "DPO loss" in html.read_text()

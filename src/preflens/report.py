@@ -761,13 +761,22 @@ def _fig_loss(run: RunData, out: Path) -> Figure | None:
     tr, ev = run.metric_rows("train"), run.metric_rows("eval")
     if not (_col(tr, "loss") or _col(ev, "loss")):
         return None
+    # `--loss normalized` trains on a surrogate whose value (about 0) is not a loss level and logs DPO's
+    # loss beside it as loss/dpo (its eval loss is DPO's): drawing "loss" would set one against the other
+    key = "loss/dpo" if (_col(tr, "loss/dpo") or _col(ev, "loss/dpo")) else "loss"
     fig, axes = _new_fig()
-    _plot_metric(axes[0], tr, "loss", color=GREY, label="train")
-    _plot_metric(axes[0], ev, "loss", color="black", label="eval")
-    _style(axes[0], "loss", "loss")
+    _plot_metric(axes[0], tr, key, color=GREY, label="train")
+    _plot_metric(axes[0], ev, key, color="black", label="eval")
+    _style(axes[0], "DPO loss" if key == "loss/dpo" else "loss", key)
     axes[0].legend(fontsize=9)
     _save(fig, out / "loss.png")
-    return Figure("loss", "Loss", out / "loss.png", "Training and evaluation loss.")
+    caption = "Training and evaluation loss."
+    if key == "loss/dpo":
+        caption = (
+            "Training and evaluation DPO loss (same beta): the run optimizes a surrogate whose value is "
+            "not a loss level, so DPO's loss of the same log-probs is drawn."
+        )
+    return Figure("loss", "Loss", out / "loss.png", caption)
 
 
 def _fig_ches(ches: Any, out: Path) -> Figure | None:

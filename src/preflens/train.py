@@ -1216,7 +1216,8 @@ class Trainer:
             "loss": loss,
             "d_w": d_w.double(),
             "d_l": d_l.double(),
-            "loss_dpo": nan,
+            # normalized: the eval loss above *is* DPO's; logged as loss/dpo too, the key its train rows use
+            "loss_dpo": loss if self.needs_grad_norms else nan,
         }
 
     @staticmethod
