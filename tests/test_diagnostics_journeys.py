@@ -481,3 +481,75 @@ def test_lora_rank_on_an_adapter_is_a_one_line_error(adapter_dir: Path, tmp_path
     res = _cli(*args, "--model", adapter_dir, "--lora-rank", "4")
     assert isinstance(res.exception, PreflensError), res.exception
     assert "--lora-rank" in str(res.exception) and "adapter" in str(res.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# "low reward" for rewards without a known range
+# ---------------------------------------------------------------------------------------------
+
+
+def test_low_reward_is_undefined_when_every_prompt_has_the_same_mean() -> None:
+    """`preflens reward-std --reward my_module:fn` where every completion scores 0: the median
+    threshold is 0, nothing is *below* it, and the summary said "small std AND low reward 0%" for
+    the very case the diagnostic exists to flag. Without a range or --low-reward, equal means leave
+    "low" undefined, and the summary says so."""
+    from preflens.diagnostics.reward_std import summarize
+
+    rows = [{"reward_mean": 0.0, "reward_std": 0.0, "grad_norm": 0.0} for _ in range(4)]
+    s = summarize(rows, std_threshold=0.1)
+    assert s["frac_small_std"] == 1.0
+    assert s["frac_low_reward"] is None and s["frac_small_std_and_low_reward"] is None
+    assert "--low-reward" in s["low_reward_threshold_from"]
+    # with a range, or a threshold given, "low" is defined as before
+    assert summarize(rows, std_threshold=0.1, value_range=(0.0, 1.0))["frac_small_std_and_low_reward"] == 1.0
+    assert summarize(rows, std_threshold=0.1, low_reward=0.5)["frac_low_reward"] == 1.0
+
+
+def test_reward_std_cli_prints_undefined_low_reward(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The table and reward_std.parquet of that case (no crash formatting None, no `flagged` column)."""
+    import pandas as pd
+
+    (tmp_path / "zero_reward.py").write_text(
+        "def fn(prompts, completions):\n    return [0.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "is it"}, {"prompt": "the dog"}])
+    res = _cli("reward-std", "--model", tiny_dir, "--prompts", prompts, "--reward", "zero_reward:fn", "-k", "2",
+               "--max-new-tokens", "2", "-o", tmp_path / "rs")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "pass --low-reward" in res.output
+    df = pd.read_parquet(tmp_path / "rs" / "reward_std.parquet")
+    assert "flagged" not in df.columns
+
+
+def test_rft_keeps_one_low_reward_threshold_across_evaluations(
+    tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`preflens rft --reward my_module:fn --initial-sft 1` (no range, no --low-reward): each evaluation
+    took the median of *its own* means as the threshold, so "small std & low reward" before and after
+    SFT were measured against different bars. The first evaluation's median now holds for the run."""
+    (tmp_path / "len_reward.py").write_text(
+        "def fn(prompts, completions):\n    return [float(len(c) % 7) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = _write_jsonl(
+        tmp_path / "q.jsonl",
+        [{"prompt": p, "reference": "good"} for p in ("is it", "the dog", "a small", "we see", "it was")],
+    )
+    res = _cli("rft", "--model", tiny_dir, "--prompts", prompts, "--reward", "len_reward:fn", "-k", "3",
+               "--max-new-tokens", "3", "--steps", "2", "--eval-every", "1", "--initial-sft", "1",
+               "--prompts-per-step", "5", "-o", tmp_path / "run")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    evals = json.loads((tmp_path / "run" / "evals.json").read_text())
+    assert len(evals) >= 3
+    thresholds = {ev["low_reward_threshold"] for ev in evals.values()}
+    assert len(thresholds) == 1, evals
+    import statistics
+
+    import pandas as pd
+
+    pr = pd.read_parquet(tmp_path / "run" / "prompts.parquet")
+    init_means = pr[(pr["phase"] == "init")]["reward_mean"].tolist()
+    assert len(init_means) == 5
+    assert evals["init"]["low_reward_threshold"] == pytest.approx(statistics.median(init_means))
+    assert all("init" in ev["low_reward_threshold_from"] for ph, ev in evals.items() if ph != "init")

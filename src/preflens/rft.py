@@ -292,11 +292,22 @@ def train_rft(
             std_threshold=config.std_threshold,
             grad_method=config.grad_method,
         )
+        low, low_from = config.low_reward, None
+        if low is None and reward.value_range is None:
+            # A median threshold is relative to the evaluation it comes from: recomputed at every
+            # evaluation, "small std & low reward" before and after SFT would be measured against
+            # different bars. The first evaluation that defines one keeps it for the run.
+            for ph, ev in sorted(evals.items(), key=lambda kv: kv[1]["step"]):
+                if ev.get("low_reward_threshold") is not None:
+                    low = ev["low_reward_threshold"]
+                    low_from = f"median of the per-prompt mean rewards at the {ph} evaluation (step {ev['step']}), kept for the run"
+                    break
         summ = summarize(
             res.rows,
             std_threshold=config.std_threshold,
-            low_reward=config.low_reward,
+            low_reward=low,
             value_range=reward.value_range,
+            low_reward_from=low_from,
         )
         log.metrics(
             {
@@ -329,7 +340,7 @@ def train_rft(
         (run_dir / "evals.json").write_text(json.dumps(evals, indent=2))
         say(
             f"[{phase} @ step {state.step}] reward {summ['reward_mean']:.4f}  "
-            f"small-std {summ['frac_small_std']:.1%}  small-std & low reward {summ['frac_small_std_and_low_reward']:.1%}"
+            f"small-std {summ['frac_small_std']:.1%}  small-std & low reward {_pct(summ['frac_small_std_and_low_reward'])}"
         )
 
     def guarded(fn: Any, what: str) -> Any:
@@ -596,6 +607,11 @@ def _rft_step(
         for p, i in enumerate(idx)
     ]
     return metrics, prompt_rows
+
+
+def _pct(x: float | None) -> str:
+    """A fraction as a percentage; n/a when undefined (see `summarize`: all means equal, no range)."""
+    return "n/a (pass --low-reward)" if x is None else f"{x:.1%}"
 
 
 def _load_evals(run_dir: Path, step: int) -> dict[str, dict[str, Any]]:

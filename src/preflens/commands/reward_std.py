@@ -32,7 +32,7 @@ def _write(out: Path, result: Any, summary: dict[str, Any]) -> None:
         df = pd.DataFrame(rows)
         if "prompt_id" in df:
             df["prompt_id"] = df["prompt_id"].astype(str)
-        if name == "reward_std" and len(df) and "low_reward_threshold" in summary:
+        if name == "reward_std" and len(df) and summary.get("low_reward_threshold") is not None:
             # the prompts RFT is predicted to leave behind: small std AND low reward (seed 003, Finding I)
             df["low_reward"] = df["reward_mean"] < summary["low_reward_threshold"]
             df["flagged"] = df["small_std"] & df["low_reward"]
@@ -162,8 +162,14 @@ def _print(summary: dict[str, Any], out: Path) -> None:
     t.add_row("mean reward", f"{summary['reward_mean']:.4f}")
     t.add_row("mean per-prompt reward std", f"{summary['reward_std_mean']:.4f}")
     t.add_row(f"small std (< {summary['std_threshold']})", f"{summary['frac_small_std']:.1%}")
-    t.add_row(f"low reward (< {summary['low_reward_threshold']:.4g})", f"{summary['frac_low_reward']:.1%}")
-    t.add_row("small std AND low reward", f"{summary['frac_small_std_and_low_reward']:.1%}")
+    if summary["low_reward_threshold"] is None:  # every prompt has the same mean and no range is known
+        t.add_row("low reward", "n/a: all means equal; pass --low-reward")
+        t.add_row("small std AND low reward", "n/a")
+    else:
+        t.add_row(
+            f"low reward (< {summary['low_reward_threshold']:.4g})", f"{summary['frac_low_reward']:.1%}"
+        )
+        t.add_row("small std AND low reward", f"{summary['frac_small_std_and_low_reward']:.1%}")
     for key, label in (
         ("grad_norm_median_small_std", "median grad norm, small std"),
         ("grad_norm_median_other", "median grad norm, others"),

@@ -101,6 +101,10 @@ def run_rft(
     )
 
 
+def _pct(x: float | None) -> str:
+    return "n/a (pass --low-reward)" if x is None else f"{x:.1%}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("rft")
     def rft(
@@ -207,6 +211,6 @@ def register(app: typer.Typer) -> None:
         for phase, ev in summary["evals"].items():
             typer.echo(
                 f"{phase:>9} (step {ev['step']}): reward {ev['reward_mean']:.4f}, small std {ev['frac_small_std']:.1%}, "
-                f"small std & low reward {ev['frac_small_std_and_low_reward']:.1%}"
+                f"small std & low reward {_pct(ev['frac_small_std_and_low_reward'])}"
             )
         typer.echo(f"wrote {output_dir}/metrics.jsonl, prompts.parquet, summary.json, final/")

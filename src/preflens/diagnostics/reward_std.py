@@ -626,25 +626,37 @@ def summarize(
     std_threshold: float,
     low_reward: float | None = None,
     value_range: tuple[float, float] | None = None,
+    low_reward_from: str | None = None,
 ) -> dict[str, Any]:
     """Fractions of prompts with small std, low reward, and both (the paper's Finding I).
 
     "Low reward" is mean reward below `low_reward`; by default the midpoint of the reward's range when
-    the reward is bounded, else the median of the per-prompt means (the summary says which).
+    the reward is bounded, else the median of the per-prompt means (the summary says which;
+    `low_reward_from` names where a given `low_reward` came from). The median cannot tell low from
+    high when every prompt has the same mean (all rewards 0, or all 1): then the threshold and the
+    two fractions that need it are None, and the summary asks for --low-reward, rather than
+    reporting "0% small std and low reward" for prompts that may all be stuck.
     """
     import statistics
 
     if not rows:
         return {"num_prompts": 0}
     means = [r["reward_mean"] for r in rows]
+    thr: float | None
     if low_reward is not None:
-        thr, how = low_reward, "given (--low-reward)"
+        thr, how = low_reward, low_reward_from or "given (--low-reward)"
     elif value_range is not None:
         thr, how = (value_range[0] + value_range[1]) / 2, f"midpoint of the reward range {list(value_range)}"
+    elif min(means) == max(means):
+        thr = None
+        how = (
+            f"undefined: every prompt has mean reward {means[0]:.4g} and the reward has no known range; "
+            "pass --low-reward"
+        )
     else:
         thr, how = statistics.median(means), "median of the per-prompt mean rewards"
     small = [r["reward_std"] < std_threshold for r in rows]
-    low = [m < thr for m in means]
+    low = [thr is not None and m < thr for m in means]
     n = len(rows)
     norms_small = [r["grad_norm"] for r, s in zip(rows, small) if s and not math.isnan(r["grad_norm"])]
     norms_rest = [r["grad_norm"] for r, s in zip(rows, small) if not s and not math.isnan(r["grad_norm"])]
@@ -654,8 +666,10 @@ def summarize(
         "low_reward_threshold": thr,
         "low_reward_threshold_from": how,
         "frac_small_std": sum(small) / n,
-        "frac_low_reward": sum(low) / n,
-        "frac_small_std_and_low_reward": sum(s and lo for s, lo in zip(small, low)) / n,
+        "frac_low_reward": sum(low) / n if thr is not None else None,
+        "frac_small_std_and_low_reward": sum(s and lo for s, lo in zip(small, low)) / n
+        if thr is not None
+        else None,
         "reward_mean": sum(means) / n,
         "reward_std_mean": sum(r["reward_std"] for r in rows) / n,
         "grad_norm_median_small_std": statistics.median(norms_small) if norms_small else None,
