@@ -553,3 +553,36 @@ def test_rft_keeps_one_low_reward_threshold_across_evaluations(
     assert len(init_means) == 5
     assert evals["init"]["low_reward_threshold"] == pytest.approx(statistics.median(init_means))
     assert all("init" in ev["low_reward_threshold_from"] for ph, ev in evals.items() if ph != "init")
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: the gradient diagnostics use the GPU when there is one, as ches and reward-std do
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probe_and_displacement_ask_for_the_gpu_by_default(
+    tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`preflens probe --data D` and `preflens displacement ...` on a GPU machine ran on the CPU:
+    probe's --device defaulted to cpu, and displacement loaded the model on the CPU with no --device
+    at all (hours on a 1B model). Both now default to `auto` (a GPU if torch sees one)."""
+    import preflens.models as models
+
+    asked: list[str] = []
+    real = models.load_model
+
+    def spy(name=None, **kw):
+        asked.append(kw.get("device", "cpu"))
+        return real(name, **kw)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(2))
+    res = _cli("probe", "--model", tiny_dir, "--data", data, "-o", tmp_path / "p.parquet")
+    assert res.exit_code == 0, (res.output, res.exception)
+    res = _cli("displacement", "--model", tiny_dir, "--prompt", "is it", "--chosen", "good", "--rejected", "bad",
+               "--steps", "1")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    res = _cli("displacement", "--model", tiny_dir, "--prompt", "is it", "--chosen", "good", "--rejected", "bad",
+               "--steps", "1", "--device", "cpu")  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert asked == ["auto", "auto", "cpu"]

@@ -104,6 +104,7 @@ def run_displacement(
     top_k: int = 10,
     chat_template: bool | None = None,
     limit: int | None = None,
+    device: str = "auto",
     _model_obj: Any = None,
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns {"runs": [...], summary fields}."""
@@ -127,7 +128,8 @@ def run_displacement(
     else:
         from preflens.commands.ches import _load_model
 
-        lm, tok = _load_model(model, "float32", "cpu")
+        # float32: the displacement is a difference of small probabilities; a GPU if there is one
+        lm, tok = _load_model(model, "float32", device)
     for p in lm.parameters():
         p.requires_grad_(True)
     start = snapshot(lm) if len(rows) > 1 and mode == "model" else None
@@ -274,6 +276,7 @@ def register(app: typer.Typer) -> None:
         chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template"),
         limit: int = typer.Option(None, "--limit", help="with --persona: only the first N rows"),
         output: Path = typer.Option(None, "--output", "-o", help="also write the full result as JSON"),
+        device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
     ) -> None:
         """Single-token likelihood displacement (seed 003): does DPO lower the preferred token?"""
         result = run_displacement(
@@ -290,6 +293,7 @@ def register(app: typer.Typer) -> None:
             top_k=top_k,
             chat_template=chat_template,
             limit=limit,
+            device=device,
         )
         _print(result)
         if output is not None:

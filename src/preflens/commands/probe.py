@@ -64,7 +64,7 @@ def run_probe(
     lr: float = 1.0,
     token_level: int = 0,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto",
     chat_template: bool | None = None,
     max_prompt_length: int | None = 256,
     data_split: str = "train",
@@ -250,7 +250,7 @@ def register(app: typer.Typer) -> None:
             0, "--token-level", help="token-level inner products for the first N pairs"
         ),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda | ..."),
+        device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
         chat_template: bool = typer.Option(
             None, "--chat-template/--no-chat-template", help="default: the tokenizer's template if it has one"
         ),
