@@ -122,3 +122,20 @@ def test_normalized_loss_logs_and_plots_the_dpo_loss_for_train_and_eval(setup):
     assert all("loss/dpo" in r for r in rows if r["split"] == "train")
     html, _ = generate_report(run)
     assert "DPO loss" in html.read_text()
+
+
+def test_an_adapter_saved_from_a_relative_model_path_loads_from_another_directory(setup, monkeypatch):
+    """`--model m --lora-rank R` run from one directory writes final/adapter_config.json; its base model
+    must be findable from anywhere (it was recorded as the relative 'm', so loading the adapter from
+    another working directory looked 'm' up on the hub)."""
+    from preflens.models import load_model
+
+    monkeypatch.chdir(setup)
+    run = run_train(None, _flags(setup, model="model", lora_rank=4, steps=1, output_dir="run"))
+    base = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((setup / "model").resolve())
+    elsewhere = setup / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model, _ = load_model(str(setup / "run" / "final"))
+    assert any("lora_" in n for n, _ in model.named_parameters())

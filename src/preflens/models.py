@@ -219,6 +219,8 @@ def _load_any(
         model, tok = _load_gguf(str(path) if path.is_dir() else name, gguf_file, trust_remote_code)
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
+        if path.is_dir():  # a LoRA adapter trained on it names the file itself as its base model
+            _record_source(model, path / gguf_file)
         return _finish(model, tok, device)
 
     if path.exists():
@@ -236,11 +238,22 @@ def _load_any(
                 f"{path} has no config.json, so it is not a Hugging Face model directory{hint}"
             )
         model, tok = _load_pretrained(str(path), torch_dtype, trust_remote_code=trust_remote_code)
+        _record_source(model, path)
         return _finish(model, tok, device)
     if _looks_like_path(name):
         raise PreflensError(f"model path {name} does not exist")
     model, tok = _load_pretrained(name, torch_dtype, trust_remote_code=trust_remote_code, hub=True)
     return _finish(model, tok, device)
+
+
+def _record_source(model: PreTrainedModel, path: Path) -> None:
+    """Record the absolute local path as the model's `name_or_path`.
+
+    peft writes it into a LoRA adapter's `adapter_config.json` as the base model, and `load_model(adapter)`
+    loads that base: a relative path ("models/base", or "." for a GGUF file's directory) would only
+    resolve from the working directory of the training run.
+    """
+    model.config._name_or_path = model.name_or_path = str(path.resolve())
 
 
 def _finish(
@@ -332,7 +345,14 @@ def _load_adapter(
     base_name = cfg.base_model_name_or_path
     if not base_name:
         raise PreflensError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
-    base, tok = load_model(base_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    try:
+        base, tok = load_model(base_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    except PreflensError as err:
+        raise PreflensError(
+            f"LoRA adapter {path}: cannot load its base model {base_name!r} (base_model_name_or_path in "
+            f"adapter_config.json; a relative path resolves from the working directory; edit it to point at "
+            f"the base model): {err}"
+        ) from err
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
