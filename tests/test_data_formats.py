@@ -172,6 +172,7 @@ def test_missing_column_lists_available_columns(tmp_path):
 BAD = [
     ({"prompt": "p", "chosen": 3, "rejected": "b"}, "wrong_type", "field 'chosen' is a number (3); expected a string or a list of chat messages"),
     ({"prompt": "p", "chosen": "a"}, "missing_field", "missing field 'rejected'"),
+    ({"prompt": "p", "chosen": "a", "rejected": None}, "missing_field", "field 'rejected' is null (an empty cell); expected"),
     ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "empty_response", "field 'chosen' has an empty response"),
     ({"prompt": "p", "chosen": " same", "rejected": " same"}, "identical_responses", "fields 'chosen' and 'rejected' are identical"),
     ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "wrong_type", "field 'chosen' is a string but field 'rejected' is a list"),

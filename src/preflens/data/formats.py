@@ -418,9 +418,14 @@ def _normalize_row(
         )
     needed = (pf, cf, rf) if explicit else (cf, rf)
     for name in needed:
-        if name not in row or row[name] is None:
+        if name not in row:
             raise _InvalidRow(
                 MISSING_FIELD, f"{where}: missing field {name!r} (row has fields {sorted(map(str, row))})"
+            )
+        if row[name] is None:  # JSON null, or an empty cell of a parquet/datasets column
+            raise _InvalidRow(
+                MISSING_FIELD,
+                f"{where}: field {name!r} is null (an empty cell); expected a string or a list of chat messages",
             )
     chosen = _check_text(row[cf], where, cf)
     rejected = _check_text(row[rf], where, rf)
