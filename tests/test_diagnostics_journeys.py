@@ -586,3 +586,14 @@ def test_probe_and_displacement_ask_for_the_gpu_by_default(
                "--steps", "1", "--device", "cpu")  # fmt: skip
     assert res.exit_code == 0, (res.output, res.exception)
     assert asked == ["auto", "auto", "cpu"]
+
+
+def test_probe_every_with_no_probe_pairs_is_an_error(tmp_path: Path) -> None:
+    """`preflens train --probe-every 5 --probe-pairs 0`: ran without a single probe and said nothing."""
+    from preflens.errors import PreflensError
+    from preflens.models import tiny_model
+    from preflens.train import train
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    with pytest.raises(PreflensError, match="--probe-pairs"):
+        train(_train_cfg(tmp_path, 8, probe_pairs=0, eval_fraction=0.25), model=model, tokenizer=tok)

@@ -301,7 +301,11 @@ class ProbeCallback(TrainerCallback):
             # fire, so the trainer syncs the gradients itself after the step's backward.
             StepEntanglement.__init__(self.step, trainer.loss_fn, fuse_grads=True)
             trainer.manual_grad_sync = trainer.accelerator.num_processes > 1
-        if self.every <= 0 or self.pairs <= 0:
+        if self.every > 0 and self.pairs < 1:
+            raise PreflensError(
+                f"--probe-every {self.every} needs a probe set: --probe-pairs must be >= 1, got {self.pairs}"
+            )
+        if self.every <= 0:
             return
         # The first P eval pairs; when the eval split is smaller (12 pairs at --eval-fraction 0.1 hold
         # 1), filled up with the first train pairs, so the probe set has the size asked for.
