@@ -597,3 +597,21 @@ def test_probe_every_with_no_probe_pairs_is_an_error(tmp_path: Path) -> None:
     model, tok = tiny_model(hidden_size=32, seed=0)
     with pytest.raises(PreflensError, match="--probe-pairs"):
         train(_train_cfg(tmp_path, 8, probe_pairs=0, eval_fraction=0.25), model=model, tokenizer=tok)
+
+
+def test_imbalance_ratio_median_of_an_even_batch_is_the_usual_median() -> None:
+    """metrics.jsonl's `imbalance/ratio` took torch.median, the *lower* of the two middle values of an
+    even batch, while `preflens probe` and the report use pandas' median (their mean): the same pairs
+    gave two different "medians". Log ratios 0, 1, 2, 3: the median is 1.5."""
+    import math
+
+    import torch
+
+    from preflens.diagnostics.imbalance import ImbalanceStats, imbalance_metrics
+
+    lr = torch.tensor([3.0, 0.0, 2.0, 1.0])
+    st = ImbalanceStats(lr, lr.exp(), torch.full((4,), 0.5), torch.ones(4), torch.ones(4))
+    assert imbalance_metrics(st)["imbalance/ratio"] == pytest.approx(math.exp(1.5))
+    odd = torch.tensor([5.0, 0.0, 1.0])
+    st = ImbalanceStats(odd, odd.exp(), torch.full((3,), 0.5), torch.ones(3), torch.ones(3))
+    assert imbalance_metrics(st)["imbalance/ratio"] == pytest.approx(math.exp(1.0))

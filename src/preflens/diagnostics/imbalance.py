@@ -69,12 +69,14 @@ def imbalance_metrics(stats: ImbalanceStats) -> dict[str, float]:
     """Batch aggregates for metrics.jsonl (ARCHITECTURE.md key `imbalance/ratio`).
 
     The median is taken in log space (the median of a monotone transform is the transform of the
-    median), so an overflowing pair does not turn the batch value into inf or NaN.
+    median), so an overflowing pair does not turn the batch value into inf or NaN. For an even
+    count it is the mean of the two middle values (as pandas and numpy take it, so `preflens probe`
+    and the report agree with these rows), not torch.median's lower middle value.
     """
     lr = stats.log_ratio[torch.isfinite(stats.log_ratio)]
     if lr.numel() == 0:
         return {"imbalance/ratio": math.nan, "imbalance/log_ratio": math.nan, "imbalance/lambda_w": math.nan}
-    med = float(lr.median())
+    med = float(lr.double().quantile(0.5))
     return {
         "imbalance/ratio": math.exp(med) if med < 700 else math.inf,
         "imbalance/log_ratio": float(lr.mean()),
