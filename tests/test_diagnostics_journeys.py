@@ -615,3 +615,13 @@ def test_imbalance_ratio_median_of_an_even_batch_is_the_usual_median() -> None:
     odd = torch.tensor([5.0, 0.0, 1.0])
     st = ImbalanceStats(odd, odd.exp(), torch.full((3,), 0.5), torch.ones(3), torch.ones(3))
     assert imbalance_metrics(st)["imbalance/ratio"] == pytest.approx(math.exp(1.0))
+
+
+@pytest.mark.parametrize("command", ["ches", "probe"])
+def test_output_that_is_not_parquet_is_refused(tiny_dir: Path, tmp_path: Path, command: str) -> None:
+    """`preflens ches --data D -o scores.csv`: wrote parquet bytes into a file named .csv."""
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(2))
+    res = _cli(command, "--model", tiny_dir, "--data", data, "-o", tmp_path / "scores.csv")
+    assert res.exit_code != 0
+    assert ".parquet" in str(res.exception)
+    assert not (tmp_path / "scores.csv").exists()

@@ -271,6 +271,8 @@ def run_ches(
                 f"--filtered-output {filtered_output}: cannot write {Path(filtered_output).suffix!r} files; "
                 f"expected one of {', '.join(DATA_SUFFIXES)}"
             )
+    if output.suffix.lower() != ".parquet":
+        raise PreflensError(f"--output {output}: the scores are a parquet table; name it *.parquet")
     if batch_size < 1 or chunk_size < 1:
         raise PreflensError("--batch-size and --chunk-size must be at least 1")
     if not data.exists():

@@ -90,6 +90,8 @@ def run_probe(
     from preflens.losses import PairLogps, get_loss
     from preflens.probes import probe_rows
 
+    if Path(output).suffix.lower() != ".parquet":
+        raise PreflensError(f"--output {output}: the per-pair table is parquet; name it *.parquet")
     if batch_size < 1:
         raise PreflensError(f"--batch-size must be >= 1, got {batch_size}")
     if not lr > 0:
