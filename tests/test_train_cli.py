@@ -84,7 +84,8 @@ def test_config_file_flags_override_and_resume(tmp_path, monkeypatch, capsys, mo
     code, out, err = run_cli(monkeypatch, capsys, "--resume", "--output-dir", run, "--steps", 4)
     assert code == 0, err
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4]
-    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 2  # the original stays on record
+    # config.yaml records the run as it now is: a later plain --resume must not stop at "beyond --steps 2"
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 4
 
 
 def test_user_errors_have_no_traceback(tmp_path, monkeypatch, capsys, model_dir):

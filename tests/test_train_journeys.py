@@ -139,3 +139,33 @@ def test_an_adapter_saved_from_a_relative_model_path_loads_from_another_director
     monkeypatch.chdir(elsewhere)
     model, _ = load_model(str(setup / "run" / "final"))
     assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "files"])
+def test_a_dataset_with_a_test_split_is_evaluated_on_it(setup, layout):
+    """`--data` with train and test splits (a DatasetDict saved to disk, or train.jsonl + test.jsonl in a
+    folder, as TRL's datasets come): all 12 train rows train and the 4 test rows evaluate, instead of
+    holding out 10% of train and ignoring the test split."""
+    from datasets import Dataset, DatasetDict
+
+    rows = sentiment_pairs(16, seed=3, response_length=4)
+    data = setup / "dd"
+    if layout == "save_to_disk":
+        DatasetDict(
+            {"train": Dataset.from_list(rows[:12]), "test": Dataset.from_list(rows[12:])}
+        ).save_to_disk(str(data))
+    else:
+        data.mkdir()
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
+        (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[12:]))
+    run = run_train(None, _flags(setup, data=str(data), steps=1, eval_fraction=0.1))
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["train/load"]["rows_kept"] == 12 and report["eval/load"]["rows_kept"] == 4
+    assert "eval/split" not in report  # nothing held out of train
+    ev = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["n_pairs"] for r in ev if r["split"] == "eval"] == [4, 4]
+    # --eval-fraction 0 still means no evaluation at all
+    run0 = run_train(
+        None, _flags(setup, data=str(data), steps=1, eval_fraction=0.0, output_dir=str(setup / "r0"))
+    )
+    assert not [x for x in (run0 / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

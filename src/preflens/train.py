@@ -93,12 +93,20 @@ class TrainConfig:
         None, "Hugging Face model id or local directory; default: the embedded SmolLM2-135M-Instruct."
     )
     data: str | None = _opt(None, "Preference pairs: .jsonl/.json/.parquet/.csv file, directory or hub id.")
-    eval_data: str | None = _opt(None, "Held-out pairs; default: hold out --eval-fraction of --data.")
+    eval_data: str | None = _opt(
+        None,
+        "Held-out pairs; default: the --eval-split split of --data when it has one (hub dataset or "
+        "directory), else --eval-fraction of --data held out.",
+    )
     eval_fraction: float = _opt(
-        0.1, "Share of --data held out for evaluation when --eval-data is not given (0: no eval split)."
+        0.1,
+        "Share of --data held out for evaluation when there is no --eval-data and no --eval-split split "
+        "in --data (0: no evaluation).",
     )
     data_split: str = _opt("train", "Split of a hub dataset or directory to read for --data.")
-    eval_split: str = _opt("test", "Split of a hub dataset or directory to read for --eval-data.")
+    eval_split: str = _opt(
+        "test", "Split of a hub dataset or directory to evaluate on (of --eval-data, else of --data)."
+    )
     prompt_field: str = _opt("prompt", "Column holding the prompt.")
     chosen_field: str = _opt("chosen", "Column holding the preferred response.")
     rejected_field: str = _opt("rejected", "Column holding the dispreferred response.")
@@ -671,9 +679,19 @@ class Trainer:
         self._pairs, rep = load_pairs(cfg.data, split=cfg.data_split, **read)
         self._reports["train/load"] = rep.to_dict()
         self._eval_pairs = None
-        if cfg.eval_data:
-            self._eval_pairs, erep = load_pairs(cfg.eval_data, split=cfg.eval_split, **read)
-            self._reports["eval/load"] = erep.to_dict()
+        eval_source = cfg.eval_data
+        if not eval_source and cfg.eval_fraction > 0 and cfg.eval_split != cfg.data_split:
+            # a dataset with its own held-out split (train/test, as TRL's datasets come): evaluate on it,
+            # as TRL's scripts do, instead of holding out a share of train
+            from preflens.data.formats import available_splits
+
+            if cfg.eval_split in (available_splits(cfg.data) or []):
+                eval_source = cfg.data
+        if eval_source:
+            self._eval_pairs, erep = load_pairs(eval_source, split=cfg.eval_split, **read)
+            self._reports["eval/load"] = {**erep.to_dict(), "split": cfg.eval_split}
+            if not cfg.eval_data:
+                self.say(f"eval: the {cfg.eval_split!r} split of {cfg.data} ({len(self._eval_pairs)} pairs)")
 
     def _load_data(self) -> None:
         """Tokenize; hold out the eval split; check the batch size against the data."""

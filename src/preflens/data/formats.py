@@ -476,6 +476,36 @@ def _normalize_row(
 # ---------------------------------------------------------------------------------------------
 
 
+def available_splits(source: str | Path) -> list[str] | None:
+    """The splits a directory or hub dataset offers, without reading its rows; None for a single file,
+    a single saved `Dataset`, or when it cannot be told (e.g. a hub id while offline).
+
+    Why: a dataset published with train/test splits (TRL's `trl-lib/...` sets, a `DatasetDict` saved
+    with `save_to_disk`, a folder of train.jsonl + test.jsonl) brings its own held-out split, which
+    the trainer evaluates on instead of holding out a share of train.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None
+    try:
+        if path.is_dir():
+            dd = path / "dataset_dict.json"
+            if dd.is_file():
+                return [str(x) for x in json.loads(dd.read_text()).get("splits", [])]
+            if (path / "state.json").is_file():
+                return None
+            from datasets.data_files import get_data_patterns
+
+            return [str(x) for x in get_data_patterns(str(path))]
+        if _looks_like_path(str(source)):
+            return None
+        import datasets
+
+        return [str(x) for x in datasets.get_dataset_split_names(str(source))]
+    except Exception:
+        return None
+
+
 def load_pairs(
     source: str | Path | Iterable[dict],
     *,
