@@ -169,3 +169,17 @@ def test_a_dataset_with_a_test_split_is_evaluated_on_it(setup, layout):
         None, _flags(setup, data=str(data), steps=1, eval_fraction=0.0, output_dir=str(setup / "r0"))
     )
     assert not [x for x in (run0 / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+
+
+def test_lora_prints_no_deprecation_warning_of_peft_internals():
+    """Every LoRA run printed transformers' FutureWarning about peft calling `is_gradient_checkpointing`
+    (nothing the user can act on); other warnings still pass."""
+    import warnings
+
+    from preflens.models import apply_lora, tiny_model
+
+    model, _ = tiny_model(hidden_size=32)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_lora(model, rank=2, alpha=4)
+    assert not [w for w in seen if "gradient_checkpointing" in str(w.message)]

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -246,6 +247,19 @@ def _load_any(
     return _finish(model, tok, device)
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft calls transformers 5's renamed `is_gradient_checkpointing`, whose FutureWarning would be
+    printed on every LoRA run though the user can do nothing about it; other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+            category=FutureWarning,
+        )
+        yield
+
+
 def _record_source(model: PreTrainedModel, path: Path) -> None:
     """Record the absolute local path as the model's `name_or_path`.
 
@@ -357,7 +371,8 @@ def _load_adapter(
         from transformers import AutoTokenizer
 
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
-    model = PeftModel.from_pretrained(base, str(path))
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(base, str(path))
     return model.eval(), tok
 
 
@@ -721,7 +736,8 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with _quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as e:  # "Target modules {...} not found in the base model"
         names = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())}
