@@ -183,3 +183,12 @@ def test_lora_prints_no_deprecation_warning_of_peft_internals():
         warnings.simplefilter("always")
         apply_lora(model, rank=2, alpha=4)
     assert not [w for w in seen if "gradient_checkpointing" in str(w.message)]
+
+
+def test_resume_of_a_directory_that_is_not_a_run_names_the_directory(tmp_path):
+    """`preflens train --resume --output-dir typo` said "--data is required" (its config.yaml is what
+    --resume reads the data from): the error must be about the directory."""
+    from preflens.errors import RunDirError
+
+    with pytest.raises(RunDirError, match=r"typo: nothing to resume \(no config.yaml"):
+        run_train(None, {"resume": True, "output_dir": str(tmp_path / "typo")})

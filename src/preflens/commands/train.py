@@ -63,6 +63,13 @@ def run_train(config_file: str | None, flags: dict[str, Any]) -> Any:
         if saved.is_file():
             file_values = load_config_file(saved)
             source = str(saved)
+        elif not given.get("data"):  # else the complaint would be a missing --data, not the wrong directory
+            from preflens.errors import RunDirError
+
+            raise RunDirError(
+                f"{given['output_dir']}: nothing to resume (no config.yaml: not the --output-dir of a "
+                "preflens train run)"
+            )
     for k in ("overwrite", "resume"):  # never inherited from a file: they are decisions about this invocation
         file_values.pop(k, None)
     config = build_config(TrainConfig, file_values, given, source=source)
