@@ -110,6 +110,29 @@ def _conv1d_type() -> type | None:
 _CONV1D = _conv1d_type()
 
 
+def _embedding_scale(m: nn.Module, ids: Tensor, out: Tensor) -> float:
+    """c such that an nn.Embedding subclass's output is c * E[ids] (1.0 for nn.Embedding itself).
+
+    Gemma's `*ScaledWordEmbedding` returns E[ids] * sqrt(d) from the embedding module itself, so the
+    weight gradient is c * onehot^T dy, not onehot^T dy: ignoring c made Gemma's Gram 20-50% off. A
+    subclass whose output is not a constant multiple of the lookup is refused.
+    """
+    if type(m).forward is nn.Embedding.forward:
+        return 1.0
+    with torch.no_grad():
+        base = torch.nn.functional.embedding(ids, m.weight, m.padding_idx).float()  # type: ignore[arg-type]
+        o = out.detach().float()
+        denom = (base * base).sum()
+        c = float((o * base).sum() / denom) if bool(denom > 0) else 1.0
+        tol = 1e-2 if out.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if not torch.allclose(o, c * base, rtol=tol, atol=tol * float(o.abs().max().clamp_min(1e-30))):
+            raise GramError(
+                f"{type(m).__name__}: an nn.Embedding whose output is not a constant multiple of its "
+                "lookup E[ids]; its per-sequence gradient is not supported"
+            )
+    return c
+
+
 def _module_kind(m: nn.Module) -> str | None:
     """Which exact per-sequence gradient rule applies to a module's own parameters (None: none)."""
     if isinstance(m, nn.Embedding):
@@ -177,6 +200,7 @@ class _Call:
     seg: Tensor | None  # flat-row calls: sequence of each row; None for [N, T, ...] grid calls
     params: list[tuple[str, nn.Parameter]]
     done: bool = False
+    scale: float = 1.0  # embedding subclasses returning c * E[ids] (Gemma's sqrt(d) scaling)
 
 
 @dataclass
@@ -569,6 +593,7 @@ class GramCapture:
             raise GramError(f"{type(module).__name__}: expected a tensor positional input and output")
         x = args[0]
         replaced = None
+        scale = _embedding_scale(module, x, out) if kind == "embedding" else 1.0
         if kind == "embedding" and (self.use_anchor or self.fuse_grads):
             # Every embedding output gets a zero anchor: a branch that does not depend on the input
             # embeddings (position embeddings) must lie on the path the activation-only backward takes
@@ -592,6 +617,14 @@ class GramCapture:
             lead = (self.n, self.t)
         if lead == (self.n, self.t):
             seg = None
+        elif kind == "norm" and len(lead) > 2 and lead[0] == self.n:
+            # per-head norms (Qwen3's/Gemma3's q_norm, k_norm on [N, T, H, d] or [N, H, T, d]): every row
+            # of sample s belongs to sequence s; `_norm_parts` sums them all
+            seg = None
+        elif len(lead) == 1 and lead[0] == self.n * self.t and self.n * self.t > self.flat_seg.shape[0]:
+            # the whole [N, T] grid flattened to [N*T, d] (OPT's fc1/fc2 and final LayerNorm); response
+            # tokens alone are fewer (position 0 never is one), so the two flat layouts cannot be confused
+            seg = torch.arange(self.n, device=x.device).repeat_interleave(self.t)
         elif len(lead) == 1:
             key = id(module)
             start = self.cursor[key]
@@ -607,7 +640,9 @@ class GramCapture:
                 f"{type(module).__name__} input of shape {tuple(x.shape)}: rows cannot be attributed to the "
                 f"{self.n} sequences (expected [{self.n}, {self.t}, ...] or response-token rows)"
             )
-        call = _Call(module, kind, x.detach(), out.detach() if kind == "norm" else None, seg, own)
+        call = _Call(
+            module, kind, x.detach(), out.detach() if kind == "norm" else None, seg, own, scale=scale
+        )
         for _, p in own:
             self.states[id(p)].pending += 1
             self.uses[id(p)] += 1
@@ -679,8 +714,9 @@ class GramCapture:
                 keep = ids != pad
                 ids, d, seg = ids[keep], d[keep], seg[keep]
             name, p = call.params[0]
+            b = d.to(dt) if call.scale == 1.0 else d.to(dt) * call.scale
             self.states[id(p)].outers.append(
-                _Outer(a=None, ids=ids, b=d.to(dt), seg=seg, p=p.shape[0], q=d.shape[-1], rows=ids.shape[0])
+                _Outer(a=None, ids=ids, b=b, seg=seg, p=p.shape[0], q=d.shape[-1], rows=ids.shape[0])
             )
         elif call.kind == "norm":
             self._norm_parts(call, grad)
@@ -750,6 +786,8 @@ class GramCapture:
         for _, p in call.params:
             st = self.states[id(p)]
             contrib = d.to(self.dtype) * nx.to(self.dtype) if p is w else d
+            if call.seg is None and contrib.dim() > 3:  # per-head norm: [N, ..., d] -> [N, rows, d]
+                contrib = contrib.reshape(contrib.shape[0], -1, contrib.shape[-1])
             self._add_vector(st, self._segsum(call, contrib))
 
     def _flush(self, st: _ParamState) -> None:
