@@ -192,3 +192,14 @@ def test_resume_of_a_directory_that_is_not_a_run_names_the_directory(tmp_path):
 
     with pytest.raises(RunDirError, match=r"typo: nothing to resume \(no config.yaml"):
         run_train(None, {"resume": True, "output_dir": str(tmp_path / "typo")})
+
+
+def test_limits_that_leave_no_pairs_say_why(setup):
+    """Lengths that drop every pair: the error names the reason and an example pair, not only "no pairs
+    left" (every pair too long here: a 6-token prompt limit and 12 tokens in all)."""
+    from preflens.errors import DataError
+
+    with pytest.raises(
+        DataError, match=r"no pairs left for training; dropped: 16 too long .*e\.g\. pair 0: prompt"
+    ):
+        run_train(None, _flags(setup, steps=1, max_length=12, max_prompt_length=6, on_too_long="drop"))

@@ -494,6 +494,27 @@ def _all_reduce_mean_grads(params: Sequence[Any], bucket_elems: int = 1 << 25) -
                 offset += g.numel()
 
 
+def _why_dropped(reports: dict[str, Any]) -> str:
+    """What removed the pairs (per reason, with one example), from the data reports of the train split."""
+    counts: dict[str, int] = {}
+    example = ""
+    for key in ("train/load", "train/tokenize"):
+        rep = reports.get(key) or {}
+        for reason, n in (rep.get("dropped") or {}).items():
+            counts[reason] = counts.get(reason, 0) + int(n)
+            if not example and (rep.get("examples") or {}).get(reason):
+                example = rep["examples"][reason][0]
+    if not counts:
+        return "the data has no rows"
+    parts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.items())
+    hint = (
+        " (raise --max-length/--max-prompt-length or use --on-too-long truncate)"
+        if "too_long" in counts
+        else ""
+    )
+    return f"dropped: {parts}{hint}; e.g. {example}" if example else f"dropped: {parts}{hint}"
+
+
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -728,7 +749,7 @@ class Trainer:
         else:
             eval_items, train_items = [], items
         if not train_items:
-            raise DataError(f"{cfg.data}: no pairs left for training after validation and tokenization")
+            raise DataError(f"{cfg.data}: no pairs left for training; " + _why_dropped(reports))
         if len(train_items) < cfg.batch_size:
             raise PreflensError(
                 f"--batch-size {cfg.batch_size} is larger than the {len(train_items)} train pairs of {cfg.data}; "
