@@ -203,3 +203,21 @@ def test_limits_that_leave_no_pairs_say_why(setup):
         DataError, match=r"no pairs left for training; dropped: 16 too long .*e\.g\. pair 0: prompt"
     ):
         run_train(None, _flags(setup, steps=1, max_length=12, max_prompt_length=6, on_too_long="drop"))
+
+
+def test_make_data_says_when_pairs_repeat(tmp_path):
+    """`make-data persona --n 500` draws from a fixed list of statements: the summary line must not
+    present 500 pairs as 500 different ones."""
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+    from preflens.data.synthetic import PERSONA_STATEMENTS
+
+    out = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["make-data", "persona", "--n", "500", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    distinct = len({json.loads(x)["prompt"] for x in out.read_text().splitlines()})
+    assert distinct == len(PERSONA_STATEMENTS) < 500
+    assert f"{distinct} distinct prompts, so {500 - distinct} pairs repeat one" in res.output
+    res = CliRunner().invoke(app, ["make-data", "persona", "--n", "20", "--output", str(out)])
+    assert "repeat" not in res.output

@@ -65,4 +65,8 @@ def register(app: typer.Typer) -> None:
             rows = synthetic.persona_statements(count, seed)
         pairs, _ = load_pairs(rows)
         write_pairs(pairs, output)
-        typer.echo(f"wrote {output}: {len(pairs)} {kind} pairs (seed {seed})")
+        note = ""
+        distinct = len({p.prompt for p in pairs}) if isinstance(pairs[0].prompt, str) else len(pairs)
+        if distinct < len(pairs):  # persona: a fixed list of statements, reused once all were drawn
+            note = f"; {distinct} distinct prompts, so {len(pairs) - distinct} pairs repeat one"
+        typer.echo(f"wrote {output}: {len(pairs)} {kind} pairs (seed {seed}{note})")
