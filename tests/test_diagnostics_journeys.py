@@ -747,3 +747,20 @@ def test_step_entanglement_fused_gradients_are_exact_on_gemma_and_qwen3(family: 
     assert (got - want).abs().max() / want.abs().max() < 1e-4
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_rouge_l_ignores_punctuation_like_rouge_score() -> None:
+    """`preflens reward-std --reward rougeL` on the embedded model: "yes, it is good. ..." scored 0
+    against the reference "good" (words split on whitespace only: "good." != "good"), so prompts the
+    model answers well were flagged as small-std, low-reward. ROUGE's tokenizer drops punctuation."""
+    from preflens.rewards import get_reward, rouge_l
+
+    # candidate words: yes it is good smol accepting (6); LCS with "good" = 1: P = 1/6, R = 1, F = 2/7
+    assert rouge_l("yes, it is good. smol accepting", "good") == pytest.approx(2 / 7)
+    assert rouge_l("Good!", "good") == 1.0
+    assert rouge_l("the cat-sat", "the cat sat") == 1.0  # "cat-sat" is two words, as in rouge-score
+    assert rouge_l("...", "good") == 0.0
+    assert rouge_l("café au lait", "Café") == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))  # non-ASCII words kept
+    assert get_reward("rougeL")(["q"], ["It is good."], references=["good"]) == [
+        pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
+    ]

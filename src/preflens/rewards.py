@@ -194,10 +194,17 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
+def _rouge_words(text: str) -> list[str]:
+    """Lower-cased runs of letters/digits: punctuation is dropped, as by rouge-score's tokenizer
+    (which keeps [a-z0-9] only; `\\w` also keeps non-ASCII letters, so other languages still score).
+    Splitting on whitespace alone made "good." differ from "good" and scored real answers 0."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
 def rouge_l(candidate: str, reference: str, beta: float = 1.0) -> float:
     """ROUGE-L F-measure (Lin 2004, "ROUGE", Sec. 3.1): R = LCS/|ref|, P = LCS/|cand|,
-    F = (1 + beta^2) R P / (R + beta^2 P). Tokens: lower-cased whitespace words."""
-    c, r = candidate.lower().split(), reference.lower().split()
+    F = (1 + beta^2) R P / (R + beta^2 P). Tokens: `_rouge_words` (lower-cased, punctuation dropped)."""
+    c, r = _rouge_words(candidate), _rouge_words(reference)
     lcs = lcs_length(c, r)
     if lcs == 0:
         return 0.0
