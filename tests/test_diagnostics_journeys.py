@@ -764,3 +764,32 @@ def test_rouge_l_ignores_punctuation_like_rouge_score() -> None:
     assert get_reward("rougeL")(["q"], ["It is good."], references=["good"]) == [
         pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
     ]
+
+
+def test_ches_score_is_deterministic_on_a_model_in_training_mode() -> None:
+    """`ches_score(model, ...)` right after training (the model still in train mode, dropout on) gave a
+    different score at every call; scoring is inference: dropout must be off, and the mode restored."""
+    import torch
+
+    from preflens.data.collate import collate_pairs, tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.diagnostics.ches import ches_score
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    items, _ = tokenize_pairs(load_pairs(_pairs(3))[0], tok)
+    b = collate_pairs(items, tok.pad_token_id)
+    n = len(items)
+    args = [b["input_ids"][:n], b["attention_mask"][:n], b["response_mask"][:n],
+            b["input_ids"][n:], b["attention_mask"][n:], b["response_mask"][n:]]  # fmt: skip
+    model.eval()
+    want = ches_score(model, *args)
+    model.train()
+    torch.manual_seed(0)
+    first = ches_score(model, *args)
+    second = ches_score(model, *args)
+    assert model.training
+    assert torch.allclose(first, want) and torch.allclose(second, want)

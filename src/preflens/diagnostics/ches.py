@@ -110,15 +110,22 @@ def response_hidden_sums(
     model's dtype, so bf16 models give stable scores.
     """
     _validate(input_ids, attention_mask, response_mask, "batch")
+    # Scoring is inference: dropout off (a model fresh from training is in train mode and would give
+    # a different score at every call), its mode restored afterwards.
+    was_training = model.training
+    model.eval()
     # inference_mode (not just no_grad): no version counters or autograd metadata on the activations
-    with torch.inference_mode():
-        h = _last_hidden(model, input_ids, attention_mask)
-        pred = response_mask[:, 1:].to(device=h.device, dtype=torch.float32)  # position t-1 predicts t
-        hp = h[:, :-1]
-        if hp.dtype != torch.float32:
-            hp = hp.float()
-        sums = torch.bmm(pred.unsqueeze(1), hp).squeeze(1)
-        counts = pred.sum(1)
+    try:
+        with torch.inference_mode():
+            h = _last_hidden(model, input_ids, attention_mask)
+            pred = response_mask[:, 1:].to(device=h.device, dtype=torch.float32)  # position t-1 predicts t
+            hp = h[:, :-1]
+            if hp.dtype != torch.float32:
+                hp = hp.float()
+            sums = torch.bmm(pred.unsqueeze(1), hp).squeeze(1)
+            counts = pred.sum(1)
+    finally:
+        model.train(was_training)
     # ordinary tensors again (inference tensors refuse to enter autograd later), a [N, d] copy
     return sums.clone(), counts.clone()
 
