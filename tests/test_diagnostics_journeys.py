@@ -793,3 +793,33 @@ def test_ches_score_is_deterministic_on_a_model_in_training_mode() -> None:
     second = ches_score(model, *args)
     assert model.training
     assert torch.allclose(first, want) and torch.allclose(second, want)
+
+
+def test_pair_and_token_entanglement_measure_in_eval_mode() -> None:
+    """README's `pair_entanglement(model, batch, get_loss("dpo"), ref=...)` on a model in train mode
+    (dropout on) gave other numbers at every call; the papers' gradients are eval-mode ones, as
+    `preflens probe` and the in-training probes take them. The model's mode is restored."""
+    import torch
+
+    from preflens.data.collate import collate_pairs, tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.diagnostics.entanglement import pair_entanglement, token_entanglement
+    from preflens.losses import get_loss
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    items, _ = tokenize_pairs(load_pairs(_pairs(2))[0], tok)
+    batch = collate_pairs(items, tok.pad_token_id)
+    ref = (torch.full((2,), -40.0), torch.full((2,), -40.0))
+    model.eval()
+    want = pair_entanglement(model, batch, get_loss("dpo"), ref=ref).inner
+    want_tok = token_entanglement(model, batch, 0).sentence_inner
+    model.train()
+    torch.manual_seed(0)
+    got = [pair_entanglement(model, batch, get_loss("dpo"), ref=ref).inner for _ in range(2)]
+    got_tok = token_entanglement(model, batch, 0).sentence_inner
+    assert model.training
+    assert all(torch.allclose(g, want, rtol=1e-5) for g in got)
+    assert got_tok == pytest.approx(want_tok, rel=1e-5)

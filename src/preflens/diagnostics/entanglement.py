@@ -24,6 +24,8 @@ Everything here comes from `preflens.diagnostics.gram.sequence_gram`; the margin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -42,6 +44,18 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum"]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while measuring (the deterministic gradient the papers analyse, as `preflens probe`
+    and the in-training probes take it); the model's own mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -166,14 +180,18 @@ def pair_entanglement(
 ) -> EntanglementStats:
     """Entanglement statistics of a pair batch (ARCHITECTURE.md layout) in one forward + one backward.
 
+    Measured in eval mode (dropout off; the model's mode is restored), as the papers and
+    `preflens probe` take the gradients.
+
     `ref` = cached reference log-probs (chosen, rejected) for losses that need them. `grad_norms`
     fills `chosen_grad_norm`/`rejected_grad_norm` from the same Gram (needed by `normalized`).
     """
     from preflens.diagnostics.gram import sequence_gram_and_logps
 
-    gram, logps = sequence_gram_and_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], params
-    )
+    with _eval_mode(model):
+        gram, logps = sequence_gram_and_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], params
+        )
     b = logps.shape[0] // 2
     lengths = batch["response_mask"].bool().sum(1)
     p = PairLogps(
@@ -239,7 +257,8 @@ def token_entanglement(
     rows = torch.tensor([pair, b + pair])
     ids = batch["input_ids"][rows]
     rm = batch["response_mask"][rows].bool()
-    g, owner = token_gram(model, ids, rm, params, max_tokens=max_tokens)
+    with _eval_mode(model):
+        g, owner = token_gram(model, ids, rm, params, max_tokens=max_tokens)
     w = owner[:, 0] == 0
     lw = int(w.sum())
     inner = g[:lw, lw:]
