@@ -644,6 +644,17 @@ def _family_model(family: str):
         "gemma2": lambda: transformers.Gemma2Config(head_dim=8, **common),
         "gemma3_text": lambda: transformers.Gemma3TextConfig(head_dim=8, **common),
         "qwen3": lambda: transformers.Qwen3Config(head_dim=8, **common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "mistral": lambda: transformers.MistralConfig(**common),
+        "phi": lambda: transformers.PhiConfig(
+            **{k: v for k, v in common.items() if k != "num_key_value_heads"}
+        ),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(
+            **{k: v for k, v in common.items() if k != "num_key_value_heads"}
+        ),
+        "falcon": lambda: transformers.FalconConfig(
+            **{k: v for k, v in common.items() if k not in ("num_key_value_heads", "intermediate_size")}
+        ),
         "opt": lambda: transformers.OPTConfig(
             vocab_size=v,
             hidden_size=32,
@@ -683,7 +694,10 @@ def _loop_gram(model, ids, am, rm, names=None):
     return m @ m.T
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "qwen3", "opt"])
+@pytest.mark.parametrize(
+    "family",
+    ["gemma", "gemma2", "gemma3_text", "qwen3", "opt", "qwen2", "mistral", "phi", "gpt_neox", "falcon"],
+)
 def test_sequence_gram_is_exact_on_other_model_families(family: str) -> None:
     """`preflens probe --model google/gemma-2b` gave gradient inner products off by 20-50%
     (Gemma's embedding module multiplies its lookup by sqrt(d), which the embedding rule ignored);
