@@ -837,3 +837,47 @@ def test_pair_and_token_entanglement_measure_in_eval_mode() -> None:
     assert model.training
     assert all(torch.allclose(g, want, rtol=1e-5) for g in got)
     assert got_tok == pytest.approx(want_tok, rel=1e-5)
+
+
+def test_reward_std_resume_continues_a_partial_run(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`preflens reward-std ...` stopped by a failing reward (or Ctrl-C) after 2 of 4 prompts: the
+    error said the first 2 are saved, but the only way on was --overwrite, sampling them again.
+    `--resume` keeps the saved prompts and does the rest; other settings are refused."""
+    import pandas as pd
+
+    from preflens.commands.reward_std import run_reward_std
+    from preflens.errors import PreflensError
+    from preflens.rewards import RewardError
+
+    flag = tmp_path / "server_up"
+    (tmp_path / "flaky_reward.py").write_text(
+        "from pathlib import Path\n"
+        "def fn(prompts, completions):\n"
+        f"    if 'boom' in prompts and not Path({str(flag)!r}).exists():\n"
+        "        raise RuntimeError('reward server down')\n"
+        "    return [float(len(c) % 3) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = _write_jsonl(
+        tmp_path / "q.jsonl", [{"prompt": p} for p in ("is it", "the dog", "boom", "a small")]
+    )
+    out = tmp_path / "out"
+    kw = dict(model=str(tiny_dir), prompts=prompts, reward="flaky_reward:fn", k=2, output_dir=out,
+              max_new_tokens=2, batch_size=2)  # fmt: skip
+    with pytest.raises(RewardError, match="2 of 4"):
+        run_reward_std(**kw)
+    before = pd.read_parquet(out / "reward_std.parquet")
+    samples_before = pd.read_parquet(out / "samples.parquet")
+    flag.write_text("up")
+    with pytest.raises(PreflensError, match="--resume"):
+        run_reward_std(**kw)  # the saved results are not silently replaced
+    with pytest.raises(PreflensError, match="k"):
+        run_reward_std(**{**kw, "k": 3}, resume=True)
+    summary = run_reward_std(**kw, resume=True)
+    after = pd.read_parquet(out / "reward_std.parquet")
+    assert after["prompt_id"].tolist() == ["0", "1", "2", "3"]
+    assert summary["partial"] is False and summary["num_prompts"] == 4
+    pd.testing.assert_frame_equal(after.iloc[:2][before.columns].reset_index(drop=True), before)
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert len(samples) == 8
+    pd.testing.assert_frame_equal(samples.iloc[:4].reset_index(drop=True), samples_before)

@@ -42,6 +42,26 @@ def _write(out: Path, result: Any, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+def _saved(out: Path, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and samples of a previous run in `out`, after checking it used `settings`."""
+    import pandas as pd
+
+    path = out / "summary.json"
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    diff = [f"{k} {prev[k]!r} -> {v!r}" for k, v in settings.items() if k in prev and prev[k] != v]
+    if diff:
+        raise PreflensError(
+            f"{out} was sampled with other settings ({'; '.join(diff)}); --resume needs the same ones "
+            "(or pass --overwrite to start again)"
+        )
+    rows = pd.read_parquet(out / "reward_std.parquet").drop(
+        columns=["low_reward", "flagged"], errors="ignore"
+    )
+    samples_path = out / "samples.parquet"
+    samples = pd.read_parquet(samples_path).to_dict("records") if samples_path.exists() else []
+    return rows.to_dict("records"), samples
+
+
 def run_reward_std(
     *,
     model: str | None,
@@ -64,8 +84,15 @@ def run_reward_std(
     overwrite: bool = False,
     prompt_field: str = "prompt",
     reference_field: str = "reference",
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """The command's work, callable from Python; returns the summary dict."""
+    """The command's work, callable from Python; returns the summary dict.
+
+    `resume` continues a partial run in `output_dir` (stopped by a failing reward or Ctrl-C): its
+    prompts are kept as saved and only the others are sampled, with the same settings (checked);
+    the remaining prompts draw from a fresh random stream (seed + prompts done), so the numbers
+    equal an uninterrupted run's in distribution, not bit for bit.
+    """
     import torch
 
     from preflens.diagnostics.reward_std import (
@@ -78,8 +105,14 @@ def run_reward_std(
     from preflens.rewards import RewardError, get_reward
 
     out = Path(output_dir)
-    if (out / "reward_std.parquet").exists() and not overwrite:
-        raise RunDirError(f"{out} already holds reward_std.parquet; pass --overwrite to replace it")
+    if overwrite and resume:
+        raise PreflensError("--overwrite and --resume exclude each other: pick one")
+    existing = (out / "reward_std.parquet").exists()
+    if existing and not overwrite and not resume:
+        raise RunDirError(
+            f"{out} already holds reward_std.parquet; pass --resume to continue it (a partial run keeps "
+            "its prompts) or --overwrite to replace it"
+        )
     if k < 2:
         raise PreflensError(
             f"-k must be at least 2 (reward std and the RLOO baseline need two samples), got {k}"
@@ -99,13 +132,29 @@ def run_reward_std(
         prompt_field=prompt_field,
         reference_field=reference_field,
     )
+    settings = {
+        "reward": rew.name,
+        "k": k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+    }
+    saved_rows: list[dict[str, Any]] = []
+    saved_samples: list[dict[str, Any]] = []
+    if resume and existing:
+        saved_rows, saved_samples = _saved(out, settings)
+        done = {str(r["prompt_id"]) for r in saved_rows}
+        rows_all, rows = rows, [r for r in rows if str(r.prompt_id) not in done]
+    else:
+        rows_all = rows
     lm, tok = _load(model, device, dtype)
     from preflens.models import with_trainable_adapters
 
     lm = with_trainable_adapters(lm)  # a saved adapter (RUN/final): gradients over its LoRA matrices
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    result = RewardStdResult(rows=[], samples=[])
+    torch.manual_seed(seed + len(saved_rows))  # resumed: a fresh stream for the prompts left
+    result = RewardStdResult(rows=saved_rows, samples=saved_samples)
 
     def summary(partial: bool) -> dict[str, Any]:
         s = summarize(
@@ -114,11 +163,7 @@ def run_reward_std(
         return {
             **s,
             "partial": partial,
-            "reward": rew.name,
-            "k": k,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
+            **settings,
         }
 
     try:
@@ -142,7 +187,8 @@ def run_reward_std(
     except RewardError as exc:
         _write(out, result, summary(partial=True))
         raise RewardError(
-            f"{exc}; results for the first {len(result.rows)} of {len(rows)} prompts are saved in {out}"
+            f"{exc}; results for the first {len(result.rows)} of {len(rows_all)} prompts are saved in {out} "
+            "(fix the reward and rerun with --resume to do the rest)"
         ) from exc
     final = summary(partial=False)
     _write(out, result, final)
@@ -245,7 +291,10 @@ def register(app: typer.Typer) -> None:
         ),
         device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 | auto"),
-        overwrite: bool = typer.Option(False, "--overwrite"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace the results in --output-dir"),
+        resume: bool = typer.Option(
+            False, "--resume", help="continue a partial run in --output-dir (same settings): keep its prompts"
+        ),
     ) -> None:
         """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
         summary = run_reward_std(
@@ -269,5 +318,6 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite,
             prompt_field=prompt_field,
             reference_field=reference_field,
+            resume=resume,
         )
         _print(summary, output_dir)
