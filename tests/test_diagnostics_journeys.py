@@ -881,3 +881,12 @@ def test_reward_std_resume_continues_a_partial_run(tiny_dir: Path, tmp_path: Pat
     samples = pd.read_parquet(out / "samples.parquet")
     assert len(samples) == 8
     pd.testing.assert_frame_equal(samples.iloc[:4].reset_index(drop=True), samples_before)
+
+
+def test_ches_vs_change_names_a_missing_scores_file(tmp_path: Path) -> None:
+    """`ches_vs_change("scores.parquet", RUN)` before running `preflens ches`: a bare FileNotFoundError."""
+    from preflens.diagnostics.displacement import ches_vs_change
+    from preflens.errors import PreflensError
+
+    with pytest.raises(PreflensError, match="preflens ches"):
+        ches_vs_change(tmp_path / "scores.parquet", tmp_path)

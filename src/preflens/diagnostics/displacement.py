@@ -358,6 +358,11 @@ def ches_vs_change(
     """
     import pandas as pd
 
+    if not Path(scores_parquet).is_file():
+        raise PreflensError(
+            f"{scores_parquet}: no such file; score the training data first: "
+            f"preflens ches --data DATA -o {scores_parquet}"
+        )
     scores = pd.read_parquet(scores_parquet)
     if "pair_index" not in scores.columns or "score" not in scores.columns:
         raise PreflensError(
