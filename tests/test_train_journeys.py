@@ -221,3 +221,37 @@ def test_make_data_says_when_pairs_repeat(tmp_path):
     assert f"{distinct} distinct prompts, so {500 - distinct} pairs repeat one" in res.output
     res = CliRunner().invoke(app, ["make-data", "persona", "--n", "20", "--output", str(out)])
     assert "repeat" not in res.output
+
+
+@pytest.mark.slow  # a subprocess that imports torch and trains until signalled: about 10 s
+def test_sigterm_checkpoints_the_last_finished_step_like_ctrl_c(setup):
+    """A cluster scheduler's preemption, `timeout` or `kill` sends SIGTERM: the run must keep its last
+    finished step (as Ctrl-C does) so --resume continues it, not lose everything since the last
+    --save-every checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = setup / "run"
+    cmd = [sys.executable, "-m", "preflens.cli", "train", "--model", str(setup / "model"), "--data",
+           str(setup / "pairs.jsonl"), "--output-dir", str(run), "--steps", "100000", "--batch-size", "4",
+           "--save-every", "0", "--eval-every", "0", "--report-to", "none", "--no-progress", "--eval-fraction", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().count('"split": "train"') >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out
+    steps = [r["step"] for r in _train_rows(run)]
+    assert steps and (run / "checkpoints" / f"step-{steps[-1]}").is_dir(), (steps, out)
+    assert "continue with --resume" in out

@@ -1127,10 +1127,28 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
+        out = {"stats": col, "grad_norm": grad_norm, "lr": lr}
+        # kept until the loop has written the step's row: an interrupt in between writes it instead
+        self._last_step_out = out
         self.state.tokens += int(col["tokens"].sum())
+        self.state.step += 1
         self._phase = "between"
-        return {"stats": col, "grad_norm": grad_norm, "lr": lr}
+        return out
+
+    def _log_now(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.state.max_steps
+
+    def _step_metrics(self, out: dict[str, Any]) -> dict[str, Any]:
+        """The train row of a finished step (without callbacks' extra keys)."""
+        state = self.state
+        metrics = self._metrics(out["stats"])
+        metrics.update(
+            lr=out["lr"],
+            grad_norm=out["grad_norm"],
+            epoch=(state.epoch * self.batches_per_epoch + state.batch_in_epoch) / self.batches_per_epoch,
+            tokens=state.tokens,
+        )
+        return metrics
 
     def _on_interrupt(self, pending_row: dict[str, Any] | None) -> None:
         """Ctrl-C: keep what the completed steps produced and checkpoint them, unless the interrupt hit
@@ -1151,6 +1169,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = self._micro_batches()
             self._phase = "between"
+        out = getattr(self, "_last_step_out", None)
+        if pending_row is None and out is not None and self._log_now(state.step):
+            # the interrupt came between the step's update and its row (e.g. a signal): write it now
+            pending_row = {"step": state.step, "split": "train", **self._step_metrics(out)}
+        self._last_step_out = None
         if pending_row is not None:
             self.tracker.log(pending_row)
         if state.step > 0 and self._last_saved != state.step:
@@ -1594,23 +1617,19 @@ class Trainer:
         )
         pending: dict[str, Any] | None = None
         self._phase = "between"
+        stack = contextlib.ExitStack()
+        stack.enter_context(_sigterm_as_interrupt())
         try:
             if state.step == 0:
                 self.evaluate()
             while state.step < state.max_steps and not state.should_stop:
                 out = self._train_step()
                 col = out["stats"]
-                metrics = self._metrics(col)
-                metrics.update(
-                    lr=out["lr"],
-                    grad_norm=out["grad_norm"],
-                    epoch=(state.epoch * self.batches_per_epoch + state.batch_in_epoch)
-                    / self.batches_per_epoch,
-                    tokens=state.tokens,
-                )
+                metrics = self._step_metrics(out)
                 batch_stats = {"per_pair": col, "metrics": metrics}
-                log_now = state.step % cfg.log_every == 0 or state.step == state.max_steps
+                log_now = self._log_now(state.step)
                 pending = {"step": state.step, "split": "train", **metrics} if log_now else None
+                self._last_step_out = None  # from here on `pending` holds the step's row
                 for cb in self.callbacks:
                     extra = cb.on_step_end(self, state, batch_stats)
                     if extra:
@@ -1632,6 +1651,7 @@ class Trainer:
             self._on_interrupt(pending)
             raise
         finally:
+            stack.close()
             bar.close()
             self.tracker.flush()
         self._save_final()
@@ -1639,6 +1659,37 @@ class Trainer:
             cb.on_train_end(self, state)
         self.tracker.close()
         return self.run_dir
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training, handled as Ctrl-C (the last finished step is checkpointed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while the loop runs.
+
+    Why: cluster schedulers preempt (SLURM, Kubernetes), `timeout` and `kill` stop a run with SIGTERM,
+    whose default action ends the process at once, losing every step since the last --save-every
+    checkpoint. Raised in the loop, it takes Ctrl-C's path instead. Later SIGTERMs are ignored so they
+    cannot cut that checkpoint short. Only the main thread can install handlers; elsewhere, nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(

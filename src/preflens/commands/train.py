@@ -117,8 +117,13 @@ def register(app: typer.Typer) -> None:
 
         Example: preflens train --data pairs.jsonl --loss dpo --beta 0.1 --lora-rank 16 --output-dir runs/dpo
         """
+        from preflens.train import Terminated
+
         config_file = kwargs.pop("config_file", None)
-        run_dir = run_train(config_file, kwargs)
+        try:
+            run_dir = run_train(config_file, kwargs)
+        except Terminated:  # SIGTERM: checkpointed like Ctrl-C; exit as a terminated process does
+            raise typer.Exit(143) from None
         typer.echo(f"run directory: {run_dir}  (next: preflens report {run_dir})")
 
     train_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
