@@ -890,3 +890,26 @@ def test_ches_vs_change_names_a_missing_scores_file(tmp_path: Path) -> None:
 
     with pytest.raises(PreflensError, match="preflens ches"):
         ches_vs_change(tmp_path / "scores.parquet", tmp_path)
+
+
+def test_displacement_table_shows_small_probabilities(capsys) -> None:
+    """`preflens displacement ...` on the embedded model listed 'Section' as a token whose probability
+    rose most with "0.0000 -> 0.0000": four decimals hide the probabilities the ranking is about."""
+    from preflens.commands.displacement import _print
+
+    run = {
+        "prompt": "p", "chosen": "No", "rejected": "Never", "warnings": [],
+        "p_chosen_before": 0.0763, "p_chosen_after": 0.7117, "p_rejected_before": 2e-4, "p_rejected_after": 3e-6,
+        "decrease": 0.0, "chosen_fell": False, "sign_agreement": 0.5, "rank_correlation": 0.2,
+        "top_increase": [{"token": "Section", "p_before": 3.1e-5, "p_after": 4.9e-5, "logp_change": 0.47,
+                          "prediction": -0.19}],
+    }  # fmt: skip
+    _print(
+        {
+            "runs": [run],
+            "settings": {"steps": 5, "optimizer": "rmsprop", "lr": 1e-6, "beta": 0.1, "mode": "model"},
+        }
+    )
+    out = capsys.readouterr().out
+    assert "3.1e-05" in out and "4.9e-05" in out
+    assert "3e-06" in out  # pi(y-) after

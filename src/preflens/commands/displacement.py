@@ -191,6 +191,11 @@ def _read_persona(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _p(x: float) -> str:
+    """A probability: 4 decimals, or 2 significant digits below 1e-3 (where 4 decimals read 0.0000)."""
+    return f"{x:.4f}" if x == 0 or x >= 1e-3 else f"{x:.2g}"
+
+
 def _print(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -207,17 +212,18 @@ def _print(result: dict[str, Any]) -> None:
             f"({s['steps']} steps, {s['optimizer']} lr {s['lr']:g}, beta {s['beta']:g}, {s['mode']})"
         )
         console.print(
-            f"pi(y+|x): {r['p_chosen_before']:.4f} -> {r['p_chosen_after']:.4f}   (largest fall along the way: {r['decrease']:.4f})"
+            f"pi(y+|x): {_p(r['p_chosen_before'])} -> {_p(r['p_chosen_after'])}   "
+            f"(largest fall along the way: {_p(r['decrease'])})"
         )
-        console.print(f"pi(y-|x): {r['p_rejected_before']:.4f} -> {r['p_rejected_after']:.4f}")
+        console.print(f"pi(y-|x): {_p(r['p_rejected_before'])} -> {_p(r['p_rejected_after'])}")
         t = Table(title="tokens whose probability rose the most")
         for col in ("token", "p before", "p after", "d log p", "<W_z, W_y+ - W_y->"):
             t.add_column(col, justify="right" if col != "token" else "left")
         for c in r["top_increase"]:
             t.add_row(
                 repr(c["token"]),
-                f"{c['p_before']:.4f}",
-                f"{c['p_after']:.4f}",
+                _p(c["p_before"]),
+                _p(c["p_after"]),
                 f"{c['logp_change']:+.3f}",
                 f"{c['prediction']:+.4g}",
             )
