@@ -177,6 +177,18 @@ def test_report_rejects_a_directory_that_is_not_a_run(tmp_path):
         load_run(tmp_path / "nope")
 
 
+def test_report_of_a_compare_directory_points_at_its_runs(tmp_path):
+    """`preflens compare`/`demo` output holds one run per sub-directory: say so instead of
+    "none of metrics.jsonl ... found"."""
+    run = _make_run(tmp_path, pairs=False, probes=False)
+    run.rename(tmp_path / "dpo")
+    (tmp_path / "compare.html").write_text("<html></html>")
+    with pytest.raises(
+        PreflensError, match=r"holds one run per sub-directory \(dpo\) \(its summary is compare.html\)"
+    ):
+        load_run(tmp_path)
+
+
 def test_report_cli(tmp_path):
     from typer.testing import CliRunner
 

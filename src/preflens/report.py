@@ -175,6 +175,14 @@ def load_run(run_dir: str | Path) -> RunData:
         except Exception:
             run.notes.append("config.yaml could not be parsed; not shown")
     if run.metrics is None and run.pairs is None and run.probes is None:
+        # `preflens compare` and `preflens demo` write one run per sub-directory: point at them
+        runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and (d / "metrics.jsonl").is_file())
+        if runs:
+            made = " (its summary is compare.html)" if (run_dir / "compare.html").is_file() else ""
+            raise PreflensError(
+                f"{run_dir}: holds one run per sub-directory ({', '.join(runs)}){made}; report one of "
+                f"them, e.g. preflens report {run_dir / runs[0]}"
+            )
         raise PreflensError(
             f"{run_dir}: none of metrics.jsonl, pairs.parquet, probes.parquet found; "
             "is this the --output-dir of `preflens train` (or of a TRL run with the preflens callback)?"
