@@ -913,3 +913,21 @@ def test_displacement_table_shows_small_probabilities(capsys) -> None:
     out = capsys.readouterr().out
     assert "3.1e-05" in out and "4.9e-05" in out
     assert "3e-06" in out  # pi(y-) after
+
+
+def test_probe_says_why_pairs_were_dropped_by_tokenization(tiny_dir: Path, tmp_path: Path) -> None:
+    """`preflens probe --max-length 5`: "no pairs left after tokenization" without saying why; and
+    when only some were dropped, nothing said so (the summary counted the survivors)."""
+    from preflens.commands.probe import run_probe
+    from preflens.errors import PreflensError
+
+    rows = _pairs(3)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(PreflensError, match="too_long"):
+        run_probe(data=data, output=tmp_path / "p.parquet", model=str(tiny_dir), max_length=5)
+    rows[1]["prompt"] = " ".join(["good"] * 40)  # with a 40-word response: no room in 30 tokens
+    rows[1]["chosen"] = " ".join(["nice"] * 40)
+    data = _write_jsonl(tmp_path / "pairs2.jsonl", rows)
+    s = run_probe(data=data, output=tmp_path / "p.parquet", model=str(tiny_dir), max_length=30,
+                  on_invalid="error")  # fmt: skip
+    assert s["pairs"] == 2 and s["skipped_by_tokenization"] == {"too_long": 1}

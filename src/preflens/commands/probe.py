@@ -125,11 +125,14 @@ def run_probe(
     lm = with_trainable_adapters(lm, lora_rank)
     lm.eval()
     dev = next(lm.parameters()).device
-    items, _ = tokenize_pairs(
+    items, tok_report = tokenize_pairs(
         pairs, tok, max_length=max_length, max_prompt_length=max_prompt_length, chat_template=chat_template
     )
     if not items:
-        raise PreflensError(f"{data}: no pairs left after tokenization")
+        why = ", ".join(f"{k}: {v}" for k, v in tok_report.dropped.items()) or "none kept"
+        raise PreflensError(
+            f"{data}: no pairs left after tokenization ({why}); raise --max-length / --max-prompt-length"
+        )
     items = sorted(items, key=lambda it: (it.length, it.pair_id))  # little padding per batch
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows: list[dict[str, Any]] = []
@@ -173,6 +176,8 @@ def run_probe(
     out = _summary(df, loss, output)
     if load_report.n_dropped:
         out["invalid_rows_dropped"] = dict(load_report.dropped)
+    if tok_report.n_dropped:
+        out["skipped_by_tokenization"] = dict(tok_report.dropped)
     return out
 
 
@@ -220,6 +225,8 @@ def _print(s: dict[str, Any]) -> None:
                   f"{s['token_inner_same_tokens_mean']:.3g} / {s['token_inner_different_tokens_mean']:.3g}")  # fmt: skip
     for reason, count in s.get("invalid_rows_dropped", {}).items():
         t.add_row(f"invalid rows dropped ({reason})", str(count))
+    for reason, count in s.get("skipped_by_tokenization", {}).items():
+        t.add_row(f"skipped by tokenization ({reason})", str(count))
     Console().print(t)
     Console().print(
         "[dim]conditions of Yuan et al. 2024 (Sec. 3), first order, one step per pair; imbalance: seed 004 "
