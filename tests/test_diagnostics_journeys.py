@@ -931,3 +931,22 @@ def test_probe_says_why_pairs_were_dropped_by_tokenization(tiny_dir: Path, tmp_p
     s = run_probe(data=data, output=tmp_path / "p.parquet", model=str(tiny_dir), max_length=30,
                   on_invalid="error")  # fmt: skip
     assert s["pairs"] == 2 and s["skipped_by_tokenization"] == {"too_long": 1}
+
+
+def test_sequence_gram_checks_its_input_shapes() -> None:
+    """`sequence_gram(model, ids, attention_mask[:, :5], response_mask)`: a RuntimeError from deep
+    inside the model; DESIGN's contract is [N, T] tensors of one shape, say so."""
+    import torch
+
+    from preflens.diagnostics.gram import sequence_gram
+    from preflens.errors import PreflensError
+    from preflens.models import tiny_model
+
+    model, _ = tiny_model(hidden_size=32, seed=0)
+    ids = torch.randint(3, 100, (2, 6))
+    am = torch.ones_like(ids)
+    rm = torch.zeros_like(ids, dtype=torch.bool)
+    rm[:, 3:] = True
+    for bad in ((ids, am[:, :5], rm), (ids, am, rm[:, :5]), (ids[0], am[0], rm[0])):
+        with pytest.raises(PreflensError, match=r"\[N, T\]"):
+            sequence_gram(model, *bad)

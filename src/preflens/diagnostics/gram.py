@@ -829,6 +829,12 @@ def sequence_gram_and_logps(
     """`sequence_gram` plus the summed log-probs [N] it differentiated (detached), from the same forward."""
     from preflens.logprobs import sequence_logps
 
+    shapes = [tuple(t.shape) for t in (input_ids, attention_mask, response_mask)]
+    if input_ids.dim() != 2 or len(set(shapes)) != 1:
+        raise GramError(
+            "input_ids, attention_mask and response_mask must be [N, T] tensors of one shape; got "
+            + ", ".join(str(s) for s in shapes)
+        )
     rm = response_mask.bool()
     cap = GramCapture(
         model, attention_mask, rm, params, strategy=strategy, compute_dtype=compute_dtype, anchor=True
