@@ -229,3 +229,36 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # the figures' chosen blue (#1f77b4) is on screen: the images were decoded and drawn
     blue = (np.abs(img.astype(int) - [0x1F, 0x77, 0xB4]).sum(axis=2) < 30).sum()
     assert blue > 500
+
+
+def test_train_logps_curve_follows_the_fixed_train_subset_not_the_batches(tmp_path):
+    """The train panel of logps.png: each train metrics row is the mean over *that step's batch*, so its
+    curve moves with which pairs were drawn. When pairs.parquet tracks a fixed train subset, the curve
+    is that subset's mean per evaluation (the same pairs each time); the batch means stay as dots."""
+    from preflens.report import logps_series
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": s, "split": "train", "logps/chosen": c, "logps/rejected": c - 1}
+        for s, c in ((1, -50.0), (2, -70.0), (3, -40.0), (4, -65.0))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = pd.DataFrame(
+        [
+            {"step": s, "split": "train", "pair_id": i, "chosen": -60.0 + i - 0.5 * s, "rejected": -61.0 + i - s,
+             "ref_chosen": -60.0 + i, "ref_rejected": -61.0 + i}
+            for s in (0, 2, 4) for i in range(3)
+        ]
+    )  # fmt: skip
+    pairs.to_parquet(run / "pairs.parquet")
+    series = logps_series(load_run(run), "train")
+    assert series["source"] == "fixed subset of 3 train pairs"
+    assert list(series["step"]) == [0, 2, 4]
+    # mean over pairs i=0..2 of -60 + i - 0.5 s = -59 - 0.5 s
+    np.testing.assert_allclose(series["chosen"], [-59.0, -60.0, -61.0])
+    np.testing.assert_allclose(series["rejected"], [-60.0, -62.0, -64.0])
+    # without a tracked subset, the batch means are all there is
+    (run / "pairs.parquet").unlink()
+    series = logps_series(load_run(run), "train")
+    assert series["source"] == "batch means" and list(series["chosen"]) == [-50.0, -70.0, -40.0, -65.0]

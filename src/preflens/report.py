@@ -489,29 +489,67 @@ def _plot_metric(ax: Any, m: Any, key: str, **kw: Any) -> bool:
     return True
 
 
+def logps_series(run: RunData, split: str) -> dict[str, Any]:
+    """Mean chosen/rejected summed log-prob per step of one split, and what it averages over.
+
+    A train metrics row is the mean over that step's batch, i.e. over different pairs at every step: its
+    curve moves with which pairs were drawn, not only with training. When pairs.parquet tracks the same
+    pairs at every evaluation (the fixed train subset, the eval split), their per-step mean is the
+    trajectory; the batch means are the fallback (e.g. a TRL run).
+    """
+    if run.pairs is not None:
+        df = run.pairs[run.pairs["split"] == split]
+        if df["step"].nunique() > 1:
+            g = df.groupby("step")
+            return {
+                "step": list(g.size().index),
+                "chosen": list(g["chosen"].mean()),
+                "rejected": list(g["rejected"].mean()),
+                "source": (
+                    f"fixed subset of {df['pair_id'].nunique()} train pairs"
+                    if split == "train"
+                    else f"{df['pair_id'].nunique()} {split} pairs"
+                ),
+            }
+    m = run.metric_rows(split)
+    if not (_col(m, "logps/chosen") and _col(m, "logps/rejected")):
+        return {"step": [], "chosen": [], "rejected": [], "source": "none"}
+    m = m[m["logps/chosen"].notna()]
+    return {
+        "step": list(m["step"]),
+        "chosen": list(m["logps/chosen"]),
+        "rejected": list(m["logps/rejected"]),
+        "source": "batch means",
+    }
+
+
 def _fig_logps(run: RunData, out: Path) -> Figure | None:
     """Seed 000 Fig. 1: mean chosen and rejected log-probs over steps, train and eval."""
-    panels = []
-    for split in ("train", "eval"):
-        m = run.metric_rows(split)
-        if _col(m, "logps/chosen") or _col(m, "logps/rejected"):
-            panels.append((split, m))
+    panels = [(split, logps_series(run, split)) for split in ("train", "eval")]
+    panels = [(split, ser) for split, ser in panels if ser["step"]]
     if not panels:
         return None
     fig, axes = _new_fig(ncols=len(panels))
-    for ax, (split, m) in zip(axes, panels):
-        _plot_metric(ax, m, "logps/chosen", color=CHOSEN, label="chosen")
-        _plot_metric(ax, m, "logps/rejected", color=REJECTED, label="rejected")
-        _style(ax, f"{split}: mean summed log-prob", "log-prob (nats)")
-        ax.legend(fontsize=9)
+    for ax, (split, ser) in zip(axes, panels):
+        marker = "o" if len(ser["step"]) < 30 else None
+        for key, colour in (("chosen", CHOSEN), ("rejected", REJECTED)):
+            ax.plot(ser["step"], ser[key], color=colour, marker=marker, markersize=3, label=key)
+        m = run.metric_rows(split)
+        if ser["source"] != "batch means" and split == "train" and _col(m, "logps/chosen"):
+            for key, colour in (("logps/chosen", CHOSEN), ("logps/rejected", REJECTED)):
+                d = m[m[key].notna()]
+                ax.scatter(d["step"], d[key], color=colour, s=6, alpha=0.25, label=f"{key[6:]} (batch)")
+        _style(ax, f"{split}: mean summed log-prob ({ser['source']})", "log-prob (nats)")
+        ax.legend(fontsize=8)
     _save(fig, out / "logps.png")
     return Figure(
         "logps",
         "Chosen and rejected log-probs",
         out / "logps.png",
-        "Mean summed response log-probs per step (seed 000, Fig. 1). Both curves falling together is "
-        "the synchronized decrease of gradient entanglement; a falling chosen curve is likelihood "
-        "displacement.",
+        "Mean summed response log-probs per step (seed 000, Fig. 1), over the same pairs at every "
+        "evaluation where the run tracked them (pale dots: the mean over each step's own batch, which "
+        "also moves with which pairs were drawn). Both curves falling together is the synchronized "
+        "decrease of gradient entanglement; a falling chosen curve is likelihood displacement.",
     )
 
 
