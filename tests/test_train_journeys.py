@@ -255,3 +255,48 @@ def test_sigterm_checkpoints_the_last_finished_step_like_ctrl_c(setup):
     steps = [r["step"] for r in _train_rows(run)]
     assert steps and (run / "checkpoints" / f"step-{steps[-1]}").is_dir(), (steps, out)
     assert "continue with --resume" in out
+
+
+def test_trl_option_names_carry_over(setup, monkeypatch, capsys):
+    """A TRL user's YAML (`learning_rate`, `max_steps`, `gradient_accumulation_steps`, ...) and flags
+    (`--learning-rate`) mean what preflens's own names mean; names whose meaning differs (TRL's
+    per-device batch size) are refused with what to write instead."""
+    from preflens.cli import main
+    from preflens.config import build_config
+    from preflens.errors import PreflensError
+    from preflens.train import TrainConfig
+
+    cfg = setup / "trl.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(setup / "model"),
+                "dataset_name": str(setup / "pairs.jsonl"),
+                "learning_rate": "1e-4",
+                "max_steps": 2,
+                "gradient_accumulation_steps": 2,
+                "lr_scheduler_type": "cosine",
+                "batch_size": 4,
+                "report_to": "none",
+                "progress": False,
+            }
+        )
+    )
+    run = setup / "run"
+    monkeypatch.setattr(
+        "sys.argv",
+        ["preflens", "train", "--config", str(cfg), "--learning-rate", "3e-4", "--output-dir", str(run)],
+    )
+    main()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 3e-4 and saved["steps"] == 2 and saved["grad_accum"] == 2
+    assert saved["scheduler"] == "cosine" and saved["model"] == str(setup / "model")
+    assert [r["step"] for r in _train_rows(run)] == [1, 2]
+
+    with pytest.raises(
+        PreflensError,
+        match=r"unknown option 'per_device_train_batch_size' \(TRL's name; here: batch_size is global",
+    ):
+        build_config(TrainConfig, {"per_device_train_batch_size": 4}, {}, source="--config x.yaml")
+    with pytest.raises(PreflensError, match="'learning_rate' and 'lr' are the same option"):
+        build_config(TrainConfig, {"lr": 1e-3, "learning_rate": 1e-4}, {}, source="--config x.yaml")

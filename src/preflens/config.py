@@ -18,6 +18,30 @@ from preflens.errors import PreflensError
 
 __all__ = ["load_config_file", "build_config", "coerce"]
 
+# TRL/transformers `TrainingArguments` names of options that mean exactly the same here: accepted in
+# --config files (and as CLI flags, commands/train.py) so a TRL user's YAML carries over
+TRL_SYNONYMS = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "model_name_or_path": "model",
+    "dataset_name": "data",
+    "lora_r": "lora_rank",
+}
+# TRL names whose meaning differs: an unknown-option error says what to write instead
+TRL_HINTS = {
+    "per_device_train_batch_size": "batch_size is global here (per-device size x number of processes)",
+    "per_device_eval_batch_size": "eval_batch_size is global here (per-device size x number of processes)",
+    "bf16": "mixed_precision: bf16 (autocast) or dtype: bfloat16 (bf16 weights)",
+    "use_peft": "lora_rank: R (> 0 trains LoRA adapters)",
+    "loss_type": "loss (sigmoid is dpo; see preflens.losses.LOSSES)",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "logging_steps": "log_every",
+}
+
 # keys config.yaml of a run carries besides the options (written by the trainer, ignored on read)
 _RESOLVED_KEYS = {"loss_kwargs_resolved", "num_processes", "steps_resolved", "warmup_steps_resolved"}
 
@@ -98,11 +122,17 @@ def build_config(
     for key, value in (file_values or {}).items():
         if key in _RESOLVED_KEYS:
             continue
-        if key not in specs:
-            near = difflib.get_close_matches(key, list(specs), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+        name = TRL_SYNONYMS.get(key, key) if TRL_SYNONYMS.get(key) in specs else key
+        if name != key and (name in (file_values or {}) or name in values):
+            raise PreflensError(f"{source}: {key!r} and {name!r} are the same option; keep one")
+        if name not in specs:
+            if key in TRL_HINTS:
+                hint = f" (TRL's name; here: {TRL_HINTS[key]})"
+            else:
+                near = difflib.get_close_matches(key, list(specs), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise PreflensError(f"{source}: unknown option {key!r}{hint}")
-        values[key] = coerce(key, value, str(specs[key].type), source)
+        values[name] = coerce(name, value, str(specs[name].type), source)
     for key, value in overrides.items():
         if key not in specs:
             raise PreflensError(f"unknown option {key!r}")

@@ -14,8 +14,13 @@ from typing import Any
 
 import typer
 
+from preflens.config import TRL_SYNONYMS
+
 # Extra spellings of a flag (the issue tracker and TRL users say `--probe-size`).
 _ALIASES: dict[str, tuple[str, ...]] = {"probe_pairs": ("--probe-size",)}
+# ... and TRL's flag names of options that mean the same (`--learning-rate`, `--max-steps`, ...)
+for _trl, _name in TRL_SYNONYMS.items():
+    _ALIASES[_name] = (*_ALIASES.get(_name, ()), "--" + _trl.replace("_", "-"))
 
 # How a flag's value is shown in --help, by the option's type.
 _METAVAR = {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,...", "dict": "K=V,..."}
