@@ -300,3 +300,17 @@ def test_trl_option_names_carry_over(setup, monkeypatch, capsys):
         build_config(TrainConfig, {"per_device_train_batch_size": 4}, {}, source="--config x.yaml")
     with pytest.raises(PreflensError, match="'learning_rate' and 'lr' are the same option"):
         build_config(TrainConfig, {"lr": 1e-3, "learning_rate": 1e-4}, {}, source="--config x.yaml")
+
+
+def test_resume_refuses_data_that_changed_under_the_cached_reference(setup):
+    """The cached reference log-probs are looked up by pair id: an edited data file with the same rows
+    (or another --max-length / chat template) would silently get the old pairs' reference. Resume must
+    refuse, naming the split whose token ids changed."""
+    from preflens.errors import RunDirError
+
+    run = run_train(None, _flags(setup, steps=2, save_every=1))
+    rows = [json.loads(x) for x in (setup / "pairs.jsonl").read_text().splitlines()]
+    rows[5]["chosen"] = rows[5]["chosen"] + " great"
+    (setup / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunDirError, match=r"reference_logps.pt: the train pairs' token ids differ"):
+        run_train(None, {"resume": True, "output_dir": str(run), "steps": 4, "progress": False})

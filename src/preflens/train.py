@@ -494,6 +494,18 @@ def _all_reduce_mean_grads(params: Sequence[Any], bucket_elems: int = 1 << 25) -
                 offset += g.numel()
 
 
+def _fingerprint(items: Sequence[Any]) -> str:
+    """sha256 of the pairs' ids and token ids: what the cached reference log-probs were computed for."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda it: it.pair_id):
+        for ids in ([it.pair_id], it.prompt_ids, it.chosen_ids, it.rejected_ids):
+            h.update(array("q", [len(ids), *ids]).tobytes())  # length-prefixed: no ambiguous joins
+    return h.hexdigest()
+
+
 def _why_dropped(reports: dict[str, Any]) -> str:
     """What removed the pairs (per reason, with one example), from the data reports of the train split."""
     counts: dict[str, int] = {}
@@ -932,8 +944,17 @@ class Trainer:
             "eval": {it.pair_id for it in self.eval_items},
         }
         ref: dict[str, dict[int, dict[str, Any]]] | None = None
+        prints = {"train": _fingerprint(self.train_items), "eval": _fingerprint(self.eval_items)}
         if path.is_file():
             saved = torch.load(path, weights_only=False)
+            for split, fp in (saved.get("fingerprint") or {}).items():  # absent in older caches
+                if split in prints and fp != prints[split]:
+                    raise RunDirError(
+                        f"{path}: the {split} pairs' token ids differ from those its reference log-probs were "
+                        "computed for (was the data file edited, or --max-length, --max-prompt-length, the "
+                        "chat template or the tokenizer changed?); resume with the same data and options, "
+                        "or start a new run"
+                    )
             ok = (
                 all(need[s] <= set(saved.get(s, {})) for s in need)
                 and saved.get("tokens", False) >= self.needs_tokens
@@ -957,7 +978,7 @@ class Trainer:
                 "eval": self._score_items(self.eval_items, reference=True) if self.eval_items else {},
             }
             if self.accelerator.is_main_process:
-                torch.save({**ref, "tokens": self.needs_tokens}, path)
+                torch.save({**ref, "tokens": self.needs_tokens, "fingerprint": prints}, path)
             self.say(
                 f"reference log-probs of {len(self.train_items)} train + {len(self.eval_items)} eval pairs "
                 f"in {time.perf_counter() - t0:.1f}s (cached in {path.name})"
