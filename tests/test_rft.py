@@ -88,6 +88,7 @@ def test_run_dir_is_refused_unless_overwrite_or_resume(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "something").write_text("x")
+    (run / "metrics.jsonl").write_text("{}\n")  # a previous run's: --overwrite replaces run directories only
     cfg = RFTConfig(steps=1, **FAST)
     with pytest.raises(RunDirError, match="--overwrite"):
         train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, run)

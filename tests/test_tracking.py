@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -45,6 +46,27 @@ def test_prepare_run_dir_rules(tmp_path):
     with pytest.raises(RunDirError, match="is a file"):
         prepare_run_dir(f, overwrite=True)
     assert f.read_text() == "x"
+
+
+def test_overwrite_only_empties_run_directories(tmp_path, monkeypatch):
+    """`--overwrite --output-dir .` in a project, or `--output-dir runs` (every run's parent), must not
+    delete them: --overwrite replaces a run directory (config.yaml or metrics.jsonl inside) only."""
+    project = tmp_path / "project"
+    (project / "runs" / "dpo").mkdir(parents=True)
+    (project / "runs" / "dpo" / "config.yaml").write_text("loss: dpo\n")
+    (project / "prefs.jsonl").write_text("{}\n")
+    monkeypatch.chdir(project)
+    with pytest.raises(RunDirError, match="working directory"):
+        prepare_run_dir(Path("."), overwrite=True)
+    with pytest.raises(RunDirError, match=r"not a run directory \(it holds dpo\)"):
+        prepare_run_dir(project / "runs", overwrite=True)
+    (project / "repo" / ".git").mkdir(parents=True)
+    (project / "repo" / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(RunDirError, match="git repository"):
+        prepare_run_dir(project / "repo", overwrite=True)
+    assert (project / "prefs.jsonl").is_file() and (project / "runs" / "dpo" / "config.yaml").is_file()
+    prepare_run_dir(project / "runs" / "dpo", overwrite=True)  # a run: replaced
+    assert not any((project / "runs" / "dpo").iterdir())
 
 
 def test_checkpoints_latest_and_prune(tmp_path):

@@ -78,6 +78,12 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
                 f"{path}: exists and is not empty (a previous run's results?); pass --overwrite to replace it, "
                 "--resume to continue it, or another --output-dir"
             )
+        refusal = _not_a_run_dir(path)
+        if refusal:
+            raise RunDirError(
+                f"{path}: --overwrite deletes everything inside, and only replaces a previous run's directory; "
+                f"{refusal}. Pick another --output-dir"
+            )
         for child in path.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -87,6 +93,26 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         raise RunDirError(f"{path}: nothing to resume (the directory is missing or empty)")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _not_a_run_dir(path: Path) -> str | None:
+    """Why `path` must not be emptied by --overwrite, or None when it looks like a run directory.
+
+    A typo such as `--output-dir .` or `--output-dir runs` (the parent of all runs) with --overwrite
+    would otherwise delete a project or every run. Every preflens run writes config.yaml or
+    metrics.jsonl first; a directory with neither is not one.
+    """
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        return "it is the working directory, one of its parents, or the home directory"
+    if (path / ".git").exists():
+        return "it holds a git repository"
+    if not ((path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()):
+        names = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"it has no {CONFIG_FILE} or {METRICS_FILE}, so it is not a run directory (it holds {shown})"
+    return None
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
