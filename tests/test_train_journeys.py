@@ -314,3 +314,24 @@ def test_resume_refuses_data_that_changed_under_the_cached_reference(setup):
     (setup / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RunDirError, match=r"reference_logps.pt: the train pairs' token ids differ"):
         run_train(None, {"resume": True, "output_dir": str(run), "steps": 4, "progress": False})
+
+
+def test_each_evaluation_prints_a_summary_line(setup):
+    """A run in a log file (nohup, a scheduler) showed nothing between set-up and the end: each
+    evaluation prints one line with the numbers of its metrics row (as TRL prints its eval logs)."""
+    from preflens.models import load_model
+    from preflens.train import TrainConfig, Trainer
+
+    lines: list[str] = []
+    flags = _flags(setup, steps=4, eval_every=2, eval_fraction=0.25)
+    flags.pop("model")
+
+    model, tok = load_model(str(setup / "model"))
+    Trainer(TrainConfig(**flags), model=model, tokenizer=tok, log_fn=lines.append).train()
+    rows = [json.loads(x) for x in (setup / "run" / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r["split"] == "eval"]
+    shown = [x for x in lines if x.startswith("eval step ")]
+    assert [x.split()[2] for x in shown] == [f"{r['step']}:" for r in ev] == ["0:", "2:", "4:"]
+    last, row = shown[-1], ev[-1]
+    assert f"loss {row['loss']:.4f}" in last and f"accuracy {row['rewards/accuracies']:.0%}" in last
+    assert f"chosen fell {row['frac_chosen_fell']:.0%}" in last

@@ -1360,10 +1360,23 @@ class Trainer:
                 metrics = self._metrics(self._eval_tensors(split, per_pair))
                 metrics["n_pairs"] = len(per_pair)
                 self.tracker.log({"step": step, "split": "eval", **metrics})
+                self.say(self._eval_line(step, metrics, [r for r in rows if r["split"] == "eval"]))
         self.tracker.table("pairs").append(rows)
         for cb in self.callbacks:
             cb.on_eval(self, self.state, metrics, rows)
         return metrics
+
+    @staticmethod
+    def _eval_line(step: int, m: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+        """One line per evaluation for the console or a job's log (the row itself is in metrics.jsonl)."""
+        n = max(1, len(rows))
+        d_c = sum(r["chosen"] - r["ref_chosen"] for r in rows) / n
+        d_r = sum(r["rejected"] - r["ref_rejected"] for r in rows) / n
+        return (
+            f"eval step {step}: loss {m['loss']:.4f} | accuracy {m['rewards/accuracies']:.0%} | "
+            f"margin {m['rewards/margins']:+.4g} | chosen {m['logps/chosen']:.2f} ({d_c:+.3g}) "
+            f"rejected {m['logps/rejected']:.2f} ({d_r:+.3g}) nats | chosen fell {m['frac_chosen_fell']:.0%}"
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
