@@ -335,3 +335,30 @@ def test_each_evaluation_prints_a_summary_line(setup):
     last, row = shown[-1], ev[-1]
     assert f"loss {row['loss']:.4f}" in last and f"accuracy {row['rewards/accuracies']:.0%}" in last
     assert f"chosen fell {row['frac_chosen_fell']:.0%}" in last
+
+
+def test_a_checkpoint_cut_short_is_not_resumed_from(setup, monkeypatch):
+    """A save that dies half-way (disk full, kill -9, a node failure) must not become the checkpoint
+    --resume picks: the run resumes from the last complete one and finishes."""
+    import accelerate
+
+    real = accelerate.Accelerator.save_state
+
+    def dies_at_step_4(self, output_dir=None, **kw):
+        if "step-4" in str(output_dir):
+            from pathlib import Path
+
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise RuntimeError("No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", dies_at_step_4)
+    with pytest.raises(RuntimeError, match="No space left"):
+        run_train(None, _flags(setup, steps=6, save_every=2))
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", real)
+    run = setup / "run"
+    run_train(None, {"resume": True, "output_dir": str(run), "progress": False})
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+    # the newest two (--save-total-limit 2), complete, and no half-written leftovers
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]

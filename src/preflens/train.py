@@ -1425,15 +1425,28 @@ class Trainer:
         return checkpoint_dir(self.run_dir, step)
 
     def _save_checkpoint(self) -> Path:
+        import shutil
+
         from preflens.tracking import checkpoint_dir, prune_checkpoints
 
         acc = self.accelerator
         path = checkpoint_dir(self.run_dir, self.state.step)
+        # Written under another name and renamed once complete: a save cut short (disk full, kill -9, a
+        # lost node) leaves `step-N.partial`, which latest_checkpoint does not take for a checkpoint.
+        partial = path.with_name(path.name + ".partial")
         self.tracker.flush()  # the tables on disk match the checkpoint
         acc.wait_for_everyone()
-        acc.save_state(str(path))
         if acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
+            for stale in (partial, path):  # e.g. an earlier attempt at this step
+                if stale.exists():
+                    shutil.rmtree(stale)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        if acc.is_main_process:
+            (partial / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            partial.rename(path)
             prune_checkpoints(self.run_dir, self.config.save_total_limit)
         acc.wait_for_everyone()
         self._last_saved = self.state.step
