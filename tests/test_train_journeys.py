@@ -362,3 +362,15 @@ def test_a_checkpoint_cut_short_is_not_resumed_from(setup, monkeypatch):
     assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
     # the newest two (--save-total-limit 2), complete, and no half-written leftovers
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+
+def test_a_checkpoint_directory_as_model_says_what_it_is(setup):
+    """`--model run/checkpoints/step-N` (a training checkpoint, not a model directory): the error says
+    so and names --resume and final/, instead of only "has no config.json"."""
+    from preflens.errors import PreflensError
+    from preflens.models import load_model
+
+    run = run_train(None, _flags(setup, steps=1))
+    with pytest.raises(PreflensError, match=r"is a training checkpoint .*--resume.*final/"):
+        load_model(str(run / "checkpoints" / "step-1"))
+    load_model(str(run / "final"))  # the run's model loads

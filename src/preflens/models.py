@@ -235,6 +235,11 @@ def _load_any(
         if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"; it has GGUF files, pass one with --gguf-file: {', '.join(ggufs)}" if ggufs else ""
+            if (path / "trainer_state.json").is_file() or (path / "random_states_0.pkl").is_file():
+                hint = (
+                    "; it is a training checkpoint (accelerate save_state): continue the run with "
+                    "`preflens train --resume --output-dir RUN`, or load the run's final/ directory"
+                )
             raise PreflensError(
                 f"{path} has no config.json, so it is not a Hugging Face model directory{hint}"
             )
