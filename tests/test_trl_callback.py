@@ -197,7 +197,13 @@ def test_rerun_into_the_same_output_dir_starts_fresh_and_resume_continues(tmp_pa
     of step 0 (not the resumed, trained policy) and the observed change since the last probe."""
     out = tmp_path / "out"
     _lora_trainer(out, 4).train()
-    _lora_trainer(out, 4).train()  # same command again
+    fresh = pd.read_parquet(out / "pairs.parquet").query("step == 0").set_index("pair_id")
+    # fresh adapters: the policy at step 0 is TRL's reference (the base model, adapters off)
+    assert (fresh["chosen"] - fresh["ref_chosen"]).abs().max() < 1e-5
+    base = fresh["chosen"]
+    again = _lora_trainer(out, 4)  # the same command again
+    again.train()
+    again.train()  # and train() twice on one trainer (the callback keeps its object state)
     rows = _rows(out)
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["split"] == "probe"] == [0, 2, 4]
@@ -213,10 +219,9 @@ def test_rerun_into_the_same_output_dir_starts_fresh_and_resume_continues(tmp_pa
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert sorted(pairs["step"]) == sorted([0, 2, 4, 6] * 4)
     ref = pairs.pivot(index="pair_id", columns="step", values="ref_chosen")
-    start = pairs.pivot(index="pair_id", columns="step", values="chosen")[0]
-    assert (ref[6] - start).abs().max() < 1e-5  # the step-0 policy, i.e. the reference
-    moved = pairs.pivot(index="pair_id", columns="step", values="chosen")[6] - start
-    assert moved.abs().max() > 1e-3  # so the check above can tell the reference from the trained policy
+    assert (ref[6] - base).abs().max() < 1e-5  # still the base model's log-probs, as TRL's reference
+    moved = pairs.pivot(index="pair_id", columns="step", values="chosen")[4] - base
+    assert moved.abs().max() > 1e-3  # so the check above can tell the reference from the resumed policy
     pr = pd.read_parquet(out / "probes.parquet")
     chosen = pairs.pivot(index="pair_id", columns="step", values="chosen")
     obs = pr[pr["step"] == 6].sort_values("pair_id")["obs_delta_chosen"].to_numpy()

@@ -165,6 +165,10 @@ class PreflensCallback(TrainerCallback):
         resumed = int(state.global_step) > 0
         if state.is_world_process_zero:
             self.out.mkdir(parents=True, exist_ok=True)
+        # a second train() of the same trainer starts its tables afresh (the reference, if measured, stays:
+        # TRL's reference model does not change between the calls)
+        self.pair_rows, self.probe_rows = [], []
+        self.last_step, self.start, self.runner, self._restored = None, None, None, None
         if resumed:
             self._resume_files(int(state.global_step), main=state.is_world_process_zero)
         elif state.is_world_process_zero:
