@@ -950,3 +950,22 @@ def test_sequence_gram_checks_its_input_shapes() -> None:
     for bad in ((ids, am[:, :5], rm), (ids, am, rm[:, :5]), (ids[0], am[0], rm[0])):
         with pytest.raises(PreflensError, match=r"\[N, T\]"):
             sequence_gram(model, *bad)
+
+
+def test_ctrl_c_says_aborted_and_exits_130(monkeypatch, capsys) -> None:
+    """Ctrl-C during `preflens probe`/`ches`/`reward-std`: exit 130, and a word saying so (typer
+    returns 130 silently in non-standalone mode, so the "aborted" branch of main() never ran)."""
+    import sys
+
+    import preflens.commands.probe as probe_cmd
+    from preflens.cli import main
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe_cmd, "run_probe", interrupted)
+    monkeypatch.setattr(sys, "argv", ["preflens", "probe", "--data", "x.jsonl"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130
+    assert "aborted" in capsys.readouterr().err

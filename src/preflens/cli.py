@@ -66,6 +66,8 @@ def main() -> None:
             raise SystemExit(exc.exit_code) from None
         raise
     if isinstance(rv, int) and rv != 0:  # typer.Exit(code) in non-standalone mode
+        if rv == 130:  # Ctrl-C: typer turns the KeyboardInterrupt into a silent 130 here
+            typer.secho("aborted", err=True)
         raise SystemExit(rv)
 
 
