@@ -141,7 +141,7 @@ def test_an_adapter_saved_from_a_relative_model_path_loads_from_another_director
     assert any("lora_" in n for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("layout", ["save_to_disk", "files"])
+@pytest.mark.parametrize("layout", ["save_to_disk", "files", "json_object"])
 def test_a_dataset_with_a_test_split_is_evaluated_on_it(setup, layout):
     """`--data` with train and test splits (a DatasetDict saved to disk, or train.jsonl + test.jsonl in a
     folder, as TRL's datasets come): all 12 train rows train and the 4 test rows evaluate, instead of
@@ -154,6 +154,9 @@ def test_a_dataset_with_a_test_split_is_evaluated_on_it(setup, layout):
         DatasetDict(
             {"train": Dataset.from_list(rows[:12]), "test": Dataset.from_list(rows[12:])}
         ).save_to_disk(str(data))
+    elif layout == "json_object":
+        data = setup / "dd.json"
+        data.write_text(json.dumps({"train": rows[:12], "test": rows[12:]}))
     else:
         data.mkdir()
         (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))

@@ -486,7 +486,15 @@ def available_splits(source: str | Path) -> list[str] | None:
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return None
+        if path.suffix.lower() != ".json":
+            return None
+        try:  # {"train": [...], "test": [...]}, which load_pairs reads split by split
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(obj, dict):
+            return None
+        return [str(k) for k, v in obj.items() if isinstance(v, list)] or None
     try:
         if path.is_dir():
             dd = path / "dataset_dict.json"
