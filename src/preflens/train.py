@@ -186,7 +186,7 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Extra tracker: tensorboard (in <output_dir>/tb) or none.")
     probe_every: int = _opt(0, "Gradient-entanglement probes every N steps (0: off).")
     probe_pairs: int = _opt(
-        8, "Pairs in the fixed probe set (the first ones of the eval split, else of train)."
+        8, "Pairs in the fixed probe set: the first ones of the eval split, filled up from train if it has fewer."
     )
     step_entanglement: bool = _opt(
         False, "Log entanglement statistics of every training batch from the step's own backward."
