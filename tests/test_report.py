@@ -262,3 +262,25 @@ def test_train_logps_curve_follows_the_fixed_train_subset_not_the_batches(tmp_pa
     (run / "pairs.parquet").unlink()
     series = logps_series(load_run(run), "train")
     assert series["source"] == "batch means" and list(series["chosen"]) == [-50.0, -70.0, -40.0, -65.0]
+
+
+@pytest.mark.parametrize("dtype,expected", [("float32", 2 / 6), ("bfloat16", 0.0)])
+def test_chosen_fell_share_uses_the_trainers_noise_tolerance(tmp_path, dtype, expected):
+    """The trainer counts a pair as fallen when chosen < start - tol (1e-4 nats in float32, 1e-2 under
+    bf16: re-scoring noise is not displacement); the report counted any decrease, so a bf16 run whose
+    metrics said 0% was diagnosed with 33%. Here two of six pairs move down by 1e-3 nats."""
+    from preflens.report import generate_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"dtype: {dtype}\nmixed_precision: 'no'\n")
+    deltas = [-1e-3, -1e-3, 2e-3, 5e-4, 0.0, 1e-3]
+    pairs = [
+        {"step": s, "split": "eval", "pair_id": i, "chosen": -40.0 + (d if s else 0.0), "rejected": -42.0,
+         "ref_chosen": -40.0, "ref_rejected": -42.0}
+        for s in (0, 5) for i, d in enumerate(deltas)
+    ]  # fmt: skip
+    pd.DataFrame(pairs).to_parquet(run / "pairs.parquet")
+    _, findings = generate_report(run)
+    text = " ".join(f.text for f in findings if f.kind == "displacement")
+    assert f"below its start in {expected:.0%} of eval pairs" in text

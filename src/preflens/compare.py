@@ -79,7 +79,7 @@ def summarize_run(name: str, run_dir: str | Path) -> RunSummary:
                 )
                 g = d.groupby("step")
                 steps, chosen, rejected = list(g.groups), g["dc"].mean().to_numpy(), g["dr"].mean().to_numpy()
-                frac = float(frac_chosen_fell_by_step(run.pairs, s)["frac"].iloc[-1])
+                frac = float(frac_chosen_fell_by_step(run.pairs, s, run.fell_tol())["frac"].iloc[-1])
                 split = f"{s} pairs"
                 break
     if steps is None:

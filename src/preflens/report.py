@@ -62,6 +62,14 @@ class RunData:
     config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
+    def fell_tol(self) -> float:
+        """The trainer's threshold for "chosen fell" (`preflens.train.fell_tolerance`) for this run's
+        precision; float32's when the run directory has no config.yaml (e.g. a TRL run)."""
+        from preflens.train import fell_tolerance
+
+        cfg = self.config or {}
+        return fell_tolerance(cfg.get("dtype"), cfg.get("mixed_precision"))
+
     def metric_rows(self, split: str) -> Any:
         """Rows of metrics.jsonl for one split, sorted by step (empty DataFrame when none)."""
         import pandas as pd
@@ -194,9 +202,10 @@ def load_run(run_dir: str | Path) -> RunData:
 # numbers behind the diagnosis
 
 
-def frac_chosen_fell_by_step(pairs: Any, split: str) -> Any:
-    """Per step: share of pairs whose chosen log-prob is below its value at that pair's first
-    measurement (likelihood displacement, seed 003 Sec. 1). Returns a DataFrame step, frac, n.
+def frac_chosen_fell_by_step(pairs: Any, split: str, tol: float = 0.0) -> Any:
+    """Per step: share of pairs whose chosen log-prob is more than `tol` nats below its value at that
+    pair's first measurement (likelihood displacement, seed 003 Sec. 1; `RunData.fell_tol` gives the
+    trainer's threshold). Returns a DataFrame step, frac, n.
     The first step itself counts 0 by definition and is kept so the curve starts at zero."""
     import pandas as pd
 
@@ -204,7 +213,7 @@ def frac_chosen_fell_by_step(pairs: Any, split: str) -> Any:
     if df.empty:
         return pd.DataFrame(columns=["step", "frac", "n"])
     start = df.groupby("pair_id")["chosen"].transform("first")
-    fell = df["chosen"] < start
+    fell = df["chosen"] < start - tol
     out = (
         df.assign(fell=fell)
         .groupby("step")
@@ -251,7 +260,7 @@ def _displacement_findings(run: RunData) -> list[Finding]:
     split, fr = None, None
     if run.pairs is not None:
         for s in ("eval", "train", "probe"):
-            f = frac_chosen_fell_by_step(run.pairs, s)
+            f = frac_chosen_fell_by_step(run.pairs, s, run.fell_tol())
             if len(f) > 1:
                 split, fr = s, f
                 break
@@ -620,7 +629,7 @@ def _fig_frac_fell(run: RunData, out: Path) -> Figure | None:
     series = []
     if run.pairs is not None:
         for s in ("eval", "train"):
-            f = frac_chosen_fell_by_step(run.pairs, s)
+            f = frac_chosen_fell_by_step(run.pairs, s, run.fell_tol())
             if len(f) > 1:
                 series.append((f"{s} (pairs.parquet)", f["step"], f["frac"]))
     if not series:

@@ -186,7 +186,8 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Extra tracker: tensorboard (in <output_dir>/tb) or none.")
     probe_every: int = _opt(0, "Gradient-entanglement probes every N steps (0: off).")
     probe_pairs: int = _opt(
-        8, "Pairs in the fixed probe set: the first ones of the eval split, filled up from train if it has fewer."
+        8,
+        "Pairs in the fixed probe set: the first ones of the eval split, filled up from train if it has fewer.",
     )
     step_entanglement: bool = _opt(
         False, "Log entanglement statistics of every training batch from the step's own backward."
@@ -492,6 +493,16 @@ def _all_reduce_mean_grads(params: Sequence[Any], bucket_elems: int = 1 << 25) -
             for g in bucket:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+
+def fell_tolerance(dtype: str | None, mixed_precision: str | None) -> float:
+    """Nats a chosen log-prob must drop below its start to count as fallen (`frac_chosen_fell`).
+
+    Re-scoring the same pair after an update moves it by numerical noise alone: ~1e-6 in float32, ~1e-3
+    in bf16. That is not likelihood displacement; the report and the metrics use this same threshold.
+    """
+    low = (dtype or "float32") != "float32" or (mixed_precision or "no") != "no"
+    return 1e-2 if low else 1e-4
 
 
 def _fingerprint(items: Sequence[Any]) -> str:
@@ -1507,8 +1518,7 @@ class Trainer:
         self._read_pairs()
         self._build_model()
         self._load_data()
-        low = cfg.dtype != "float32" or cfg.mixed_precision != "no"
-        self._fell_tol = 1e-2 if low else 1e-4  # nats: re-scoring noise is not displacement
+        self._fell_tol = fell_tolerance(cfg.dtype, cfg.mixed_precision)
 
         dataset = PairDataset(self.train_items)
         self.sampler = PairBatchSampler(dataset.lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
