@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
             None, "--model", help="HF id or local dir (default: the embedded SmolLM2-135M)"
         ),
         eval_data: str = typer.Option(
-            None, "--eval-data", help="held-out pairs (default: a share of --data)"
+            None,
+            "--eval-data",
+            help="held-out pairs (default: the test split of --data if it has one, else a share of it)",
         ),
         steps: int = typer.Option(None, "--steps", help="optimizer steps per run (default: one epoch)"),
         batch_size: int = typer.Option(8, "--batch-size", help="pairs per step"),
