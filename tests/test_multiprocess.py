@@ -179,7 +179,10 @@ def test_two_processes_packed_match_one_padded(tmp_path):
     runs = {}
     for n, packed in ((1, False), (2, True)):
         cfg = dict(
-            _config(mdir, data, tmp_path / f"run{n}"), padding_free=packed, probe_every=0, step_entanglement=False
+            _config(mdir, data, tmp_path / f"run{n}"),
+            padding_free=packed,
+            probe_every=0,
+            step_entanglement=False,
         )
         cfg_path = tmp_path / f"cfg{n}.json"
         cfg_path.write_text(json.dumps(cfg))
