@@ -377,3 +377,24 @@ def test_a_checkpoint_directory_as_model_says_what_it_is(setup):
     with pytest.raises(PreflensError, match=r"is a training checkpoint .*--resume.*final/"):
         load_model(str(run / "checkpoints" / "step-1"))
     load_model(str(run / "final"))  # the run's model loads
+
+
+def test_resume_keeps_the_eval_split_the_run_started_with(setup):
+    """A run that held out a share of --data (its dataset had no test split then, or the run predates
+    evaluating on the data's own test split) resumes with that same held-out split, not the test split
+    the dataset offers now (its cached reference would not match)."""
+    from datasets import Dataset, DatasetDict
+
+    rows = sentiment_pairs(16, seed=3, response_length=4)
+    data = setup / "dd"
+    DatasetDict({"train": Dataset.from_list(rows[:12])}).save_to_disk(str(data))
+    run = run_train(None, _flags(setup, data=str(data), steps=2, save_every=1, eval_fraction=0.25))
+    import shutil
+
+    shutil.rmtree(data)
+    DatasetDict({"train": Dataset.from_list(rows[:12]), "test": Dataset.from_list(rows[12:])}).save_to_disk(
+        str(data)
+    )
+    run_train(None, {"resume": True, "output_dir": str(run), "steps": 3, "progress": False})
+    ev = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["n_pairs"] for r in ev if r["split"] == "eval"] == [3, 3, 3]  # 25% of 12, throughout

@@ -724,7 +724,12 @@ class Trainer:
         self._reports["train/load"] = rep.to_dict()
         self._eval_pairs = None
         eval_source = cfg.eval_data
-        if not eval_source and cfg.eval_fraction > 0 and cfg.eval_split != cfg.data_split:
+        if (
+            not eval_source
+            and cfg.eval_fraction > 0
+            and cfg.eval_split != cfg.data_split
+            and not self._held_out_before()
+        ):
             # a dataset with its own held-out split (train/test, as TRL's datasets come): evaluate on it,
             # as TRL's scripts do, instead of holding out a share of train
             from preflens.data.formats import available_splits
@@ -736,6 +741,19 @@ class Trainer:
             self._reports["eval/load"] = {**erep.to_dict(), "split": cfg.eval_split}
             if not cfg.eval_data:
                 self.say(f"eval: the {cfg.eval_split!r} split of {cfg.data} ({len(self._eval_pairs)} pairs)")
+
+    def _held_out_before(self) -> bool:
+        """A resumed run that held out a share of --data keeps doing so (its cached reference is of those
+        pairs), even if the dataset now offers a test split."""
+        from preflens.tracking import DATA_REPORT_FILE
+
+        report = self.run_dir / DATA_REPORT_FILE
+        if not (self.config.resume and report.is_file()):
+            return False
+        try:
+            return "eval/split" in json.loads(report.read_text())
+        except (OSError, ValueError):
+            return False
 
     def _load_data(self) -> None:
         """Tokenize; hold out the eval split; check the batch size against the data."""
