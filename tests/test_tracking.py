@@ -14,6 +14,7 @@ from preflens.tracking import (
     MetricsWriter,
     RunTracker,
     TableWriter,
+    checkpoint_dir,
     latest_checkpoint,
     prepare_run_dir,
     prune_checkpoints,
@@ -156,3 +157,43 @@ def test_every_option_has_help():
 
     for f in fields(TrainConfig):
         assert len(TrainConfig.help(f.name)) > 10, f.name
+
+
+class _OneProcess:
+    """The part of accelerate.Accelerator that save_checkpoint uses, for a single process."""
+
+    is_main_process = True
+
+    def __init__(self, fail_after_files: int | None = None) -> None:
+        self.fail_after_files = fail_after_files
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, output_dir: str) -> None:
+        out = Path(output_dir)
+        out.mkdir(parents=True)
+        for i, name in enumerate(["model.safetensors", "optimizer.bin", "random_states_0.pkl"]):
+            if self.fail_after_files is not None and i == self.fail_after_files:
+                raise OSError(28, "No space left on device")
+            (out / name).write_bytes(b"x" * 8)
+
+
+def test_a_checkpoint_save_cut_short_is_never_taken_for_the_latest(tmp_path):
+    from preflens.tracking import save_checkpoint
+
+    save_checkpoint(_OneProcess(), checkpoint_dir(tmp_path, 2), lambda d: (d / "extra.json").write_text("{}"))
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
+    assert sorted(p.name for p in checkpoint_dir(tmp_path, 2).iterdir()) == [
+        "extra.json",
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+    ]
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(_OneProcess(fail_after_files=2), checkpoint_dir(tmp_path, 4))
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)  # not the half-written step 4
+    assert (tmp_path / "checkpoints" / "step-4.partial").is_dir()
+    save_checkpoint(_OneProcess(), checkpoint_dir(tmp_path, 4))  # a retry replaces the leftover
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
+    assert not (tmp_path / "checkpoints" / "step-4.partial").exists()

@@ -506,3 +506,23 @@ def test_sparse_loss_runs_with_probes(tmp_path):
     probes = pd.read_parquet(run / "probes.parquet")
     assert len(probes) == 3 * 3
     assert probes["d_w"].notna().all() and (probes["d_w"] > 0).all()
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        ({"batch_size": 2}, "--batch-size 2"),
+        ({"seed": 1}, "--seed 1"),
+        ({"group_by_length": True}, "--group-by-length True"),
+    ],
+)
+def test_resume_refuses_options_that_reorder_the_data(tmp_path, change, flag):
+    """The checkpoint's data position counts batches of the saved order: another batch size, seed or
+    length grouping would silently skip and repeat pairs."""
+    model, tok = tiny()
+    train(config(tmp_path, steps=2, save_every=1), model=model, tokenizer=tok)
+    model, tok = tiny()
+    with pytest.raises(RunDirError, match=f"cannot resume with {flag} \\(the run used"):
+        train(config(tmp_path, steps=4, resume=True, **change), model=model, tokenizer=tok)
+    train(config(tmp_path, steps=4, resume=True), model=model, tokenizer=tok)  # the same values resume
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2, 3, 4]

@@ -48,7 +48,14 @@ from preflens.diagnostics.reward_std import (
 from preflens.errors import PreflensError, RunDirError
 from preflens.logprobs import sequence_logps
 from preflens.rewards import Reward, RewardError, score
-from preflens.tracking import RunTracker, checkpoint_dir, latest_checkpoint, prepare_run_dir, write_config
+from preflens.tracking import (
+    RunTracker,
+    checkpoint_dir,
+    latest_checkpoint,
+    prepare_run_dir,
+    write_config,
+)
+from preflens.tracking import save_checkpoint as save_checkpoint_atomically
 
 __all__ = ["RFTConfig", "train_rft", "prepare_run_dir", "latest_checkpoint"]
 
@@ -275,7 +282,7 @@ def train_rft(
 
     def save_checkpoint() -> None:
         log.flush()
-        accelerator.save_state(str(checkpoint_dir(run_dir, state.step)))
+        save_checkpoint_atomically(accelerator, checkpoint_dir(run_dir, state.step))
 
     def evaluate(phase: str) -> None:
         res = reward_std_diagnostic(

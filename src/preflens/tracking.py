@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "latest_checkpoint",
     "checkpoint_dir",
     "prune_checkpoints",
+    "save_checkpoint",
     "write_config",
     "read_config",
     "MetricsWriter",
@@ -131,6 +132,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """`checkpoints/step-N` with the largest N, or None."""
     found = _checkpoints(Path(run_dir))
     return found[-1] if found else None
+
+
+def save_checkpoint(
+    accelerator: Any, path: str | Path, write_extra: Callable[[Path], None] | None = None
+) -> Path:
+    """`accelerator.save_state` into `path`, all or nothing.
+
+    Written as `step-N.partial` and renamed once complete: a save cut short (disk full, kill -9, a lost
+    node) leaves a `.partial` directory, which `latest_checkpoint` does not take for a checkpoint, so
+    `--resume` uses the previous complete one instead of failing deep inside safetensors.
+    `write_extra(dir)` adds files of the caller's own (rank 0) before the rename. All processes call this.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for stale in (partial, path):  # e.g. an earlier attempt at this step
+            if stale.exists():
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(partial)
+        partial.rename(path)
+    accelerator.wait_for_everyone()
+    return path
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 REFERENCE_FILE = "reference_logps.pt"
+# Options that decide which pairs each step sees; a resumed run must keep them (`_check_resumed_data_order`).
+_DATA_ORDER_OPTIONS = ("batch_size", "seed", "group_by_length")
 
 LOSS_HPARAM_FIELDS = (
     "beta",
@@ -1454,28 +1456,17 @@ class Trainer:
         return checkpoint_dir(self.run_dir, step)
 
     def _save_checkpoint(self) -> Path:
-        import shutil
-
-        from preflens.tracking import checkpoint_dir, prune_checkpoints
+        from preflens.tracking import checkpoint_dir, prune_checkpoints, save_checkpoint
 
         acc = self.accelerator
-        path = checkpoint_dir(self.run_dir, self.state.step)
-        # Written under another name and renamed once complete: a save cut short (disk full, kill -9, a
-        # lost node) leaves `step-N.partial`, which latest_checkpoint does not take for a checkpoint.
-        partial = path.with_name(path.name + ".partial")
         self.tracker.flush()  # the tables on disk match the checkpoint
-        acc.wait_for_everyone()
+        state = json.dumps(self.state.state_dict())
+        path = save_checkpoint(
+            acc,
+            checkpoint_dir(self.run_dir, self.state.step),
+            lambda d: (d / "trainer_state.json").write_text(state),
+        )
         if acc.is_main_process:
-            for stale in (partial, path):  # e.g. an earlier attempt at this step
-                if stale.exists():
-                    shutil.rmtree(stale)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        if acc.is_main_process:
-            (partial / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            partial.rename(path)
             prune_checkpoints(self.run_dir, self.config.save_total_limit)
         acc.wait_for_everyone()
         self._last_saved = self.state.step
@@ -1530,6 +1521,8 @@ class Trainer:
         cfg = self.config
         self.accelerator = acc = self._make_accelerator()
         self._setup_run_dir()
+        if cfg.resume:
+            self._check_resumed_data_order()
         set_seed(cfg.seed)
         self.loss_fn = get_loss(cfg.loss, **self.loss_kwargs)
         self._loss_defaults = loss_hparams(cfg.loss)
@@ -1629,6 +1622,30 @@ class Trainer:
             self._check_padding_free()
         self._reference_pass()
         self._batches = self._micro_batches()
+
+    def _check_resumed_data_order(self) -> None:
+        """Refuse to resume with options that change which pairs each step sees.
+
+        The checkpoint stores a data position (epoch, batches done) in the saved run's batch order; with
+        another batch size, seed or length grouping that position points into a different order, and the
+        run would silently skip some pairs and repeat others.
+        """
+        from preflens.tracking import CONFIG_FILE, read_config
+
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            return
+        saved = read_config(self.run_dir)
+        changed = [
+            f"--{k.replace('_', '-')} {getattr(self.config, k)!r} (the run used {saved[k]!r})"
+            for k in _DATA_ORDER_OPTIONS
+            if k in saved and saved[k] != getattr(self.config, k)
+        ]
+        if changed:
+            raise RunDirError(
+                f"{self.run_dir}: cannot resume with " + "; ".join(changed) + ": the checkpoint's data "
+                "position counts batches of the saved order. Keep the run's values, or start a new run "
+                "in another --output-dir."
+            )
 
     def _lr_from_schedule(self) -> None:
         """After `load_state`, set the learning rate to what *this* run's schedule gives at the resumed step.
