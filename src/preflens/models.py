@@ -161,7 +161,17 @@ def load_model(
     `dtype`: float32 (default: exact gradients on CPU), bfloat16, float16, or auto (the checkpoint's).
     `attn_implementation`: the attention kernel (`set_attention`); None keeps the model's default (sdpa).
     """
-    model, tok = _load_any(name_or_path, dtype, device, gguf_file, trust_remote_code)
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar per load: noise for the sub-second loads of small models,
+    # and a run loads its model more than once (policy, adapters' base). Restored afterwards.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, tok = _load_any(name_or_path, dtype, device, gguf_file, trust_remote_code)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     set_attention(model, attn_implementation)
     return model, tok
 
