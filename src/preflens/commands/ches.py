@@ -27,6 +27,7 @@ from typing import Any
 
 import typer
 
+from preflens.commands import options as opt
 from preflens.errors import PreflensError, RunDirError
 
 __all__ = ["run_ches", "edit_similarity", "register"]
@@ -485,9 +486,7 @@ def register(app: typer.Typer) -> None:
             ..., "--data", help="preference pairs (jsonl/json/parquet/csv with prompt/chosen/rejected)"
         ),
         output: Path = typer.Option(..., "--output", "-o", help="scores parquet (one row per pair)"),
-        model: str = typer.Option(
-            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
-        ),
+        model: str = opt.MODEL,
         length_normalized: bool = typer.Option(
             False, "--length-normalized", help="score = CHES of the mean hidden states"
         ),
@@ -506,25 +505,15 @@ def register(app: typer.Typer) -> None:
         ),
         chunk_size: int = typer.Option(512, "--chunk-size", help="pairs per resumable chunk"),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-        chat_template: bool = typer.Option(
-            None, "--chat-template/--no-chat-template", help="default: the tokenizer's template if it has one"
-        ),
+        chat_template: bool = opt.CHAT_TEMPLATE,
         overwrite: bool = typer.Option(
             False, "--overwrite", help="replace a finished output / discard a partial one"
         ),
-        data_split: str = typer.Option(
-            "train", "--data-split", help="split of a save_to_disk directory / DatasetDict"
-        ),
-        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
-        chosen_field: str = typer.Option(
-            "chosen", "--chosen-field", help="column holding the chosen response"
-        ),
-        rejected_field: str = typer.Option(
-            "rejected", "--rejected-field", help="column holding the rejected response"
-        ),
-        on_invalid: str = typer.Option(
-            "error", "--on-invalid", help="error | drop (drop invalid rows and count them)"
-        ),
+        data_split: str = opt.DATA_SPLIT,
+        prompt_field: str = opt.PROMPT_FIELD,
+        chosen_field: str = opt.CHOSEN_FIELD,
+        rejected_field: str = opt.REJECTED_FIELD,
+        on_invalid: str = opt.ON_INVALID,
     ) -> None:
         """Score pairs by CHES (seed 003); optionally write the dataset minus the top-scoring fraction."""
         summary = run_ches(

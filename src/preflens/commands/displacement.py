@@ -27,6 +27,7 @@ from typing import Any
 
 import typer
 
+from preflens.commands import options as opt
 from preflens.errors import DataError, PreflensError
 
 __all__ = ["run_displacement", "register", "single_token_id"]
@@ -258,9 +259,7 @@ def _print(result: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("displacement")
     def displacement(
-        model: str = typer.Option(
-            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
-        ),
+        model: str = opt.MODEL,
         prompt: str = typer.Option(
             None, "--prompt", help="the prompt (the chat template is applied if the tokenizer has one)"
         ),
@@ -279,7 +278,7 @@ def register(app: typer.Typer) -> None:
             "model", "--mode", help="model: train the model | features: the theorem's free h and W"
         ),
         top_k: int = typer.Option(10, "--top-k", help="tokens to list"),
-        chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template"),
+        chat_template: bool = opt.CHAT_TEMPLATE,
         limit: int = typer.Option(None, "--limit", help="with --persona: only the first N rows"),
         output: Path = typer.Option(None, "--output", "-o", help="also write the full result as JSON"),
         device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),

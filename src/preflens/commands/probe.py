@@ -21,6 +21,7 @@ from typing import Any
 
 import typer
 
+from preflens.commands import options as opt
 from preflens.errors import PreflensError
 
 __all__ = ["run_probe", "register"]
@@ -239,9 +240,7 @@ def register(app: typer.Typer) -> None:
     @app.command("probe")
     def probe(
         data: Path = typer.Option(..., "--data", help="preference pairs (jsonl/json/parquet/csv)"),
-        model: str = typer.Option(
-            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
-        ),
+        model: str = opt.MODEL,
         loss: str = typer.Option("dpo", "--loss", help="loss whose margin weights are used"),
         loss_kwargs: str = typer.Option(None, "--loss-kwargs", help="hyper-parameters, e.g. beta=0.1"),
         output: Path = typer.Option(Path("probe.parquet"), "--output", "-o", help="per-pair parquet"),
@@ -260,22 +259,12 @@ def register(app: typer.Typer) -> None:
         ),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
         device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
-        chat_template: bool = typer.Option(
-            None, "--chat-template/--no-chat-template", help="default: the tokenizer's template if it has one"
-        ),
-        data_split: str = typer.Option(
-            "train", "--data-split", help="split of a save_to_disk directory / DatasetDict"
-        ),
-        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
-        chosen_field: str = typer.Option(
-            "chosen", "--chosen-field", help="column holding the chosen response"
-        ),
-        rejected_field: str = typer.Option(
-            "rejected", "--rejected-field", help="column holding the rejected response"
-        ),
-        on_invalid: str = typer.Option(
-            "error", "--on-invalid", help="error | drop (drop invalid rows and count them)"
-        ),
+        chat_template: bool = opt.CHAT_TEMPLATE,
+        data_split: str = opt.DATA_SPLIT,
+        prompt_field: str = opt.PROMPT_FIELD,
+        chosen_field: str = opt.CHOSEN_FIELD,
+        rejected_field: str = opt.REJECTED_FIELD,
+        on_invalid: str = opt.ON_INVALID,
     ) -> None:
         """Per-pair gradient entanglement (seed 000) and imbalance (seed 004) of a dataset, without training."""
         summary = run_probe(

@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from preflens.commands import options as opt
 from preflens.errors import PreflensError, RunDirError
 
 
@@ -244,23 +245,11 @@ def _print(summary: dict[str, Any], out: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("reward-std")
     def reward_std(
-        prompts: Path = typer.Option(
-            ...,
-            "--prompts",
-            help="jsonl/json/parquet/csv with `prompt` (text or chat messages), optional `reference` and `id`",
-        ),
-        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
-        reference_field: str = typer.Option(
-            "reference", "--reference-field", help="column holding the labelled completion (e.g. solution)"
-        ),
-        reward: str = typer.Option(
-            ...,
-            "--reward",
-            help="exact[:C,W] | normalized | regex:PATTERN | keyword:W1,W2 | length:N | rougeL | model:/path | module:function",
-        ),
-        model: str = typer.Option(
-            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
-        ),
+        prompts: Path = opt.PROMPTS,
+        prompt_field: str = opt.PROMPT_FIELD,
+        reference_field: str = opt.REFERENCE_FIELD,
+        reward: str = opt.REWARD,
+        model: str = opt.MODEL,
         k: int = typer.Option(8, "-k", "--k", help="samples per prompt (apple/ml-rlgrad use 10)"),
         output_dir: Path = typer.Option(Path("reward_std"), "--output-dir", "-o"),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
@@ -276,11 +265,7 @@ def register(app: typer.Typer) -> None:
             "--low-reward",
             help="mean reward below this counts as low (default: range midpoint or median)",
         ),
-        chat_template: bool = typer.Option(
-            None,
-            "--chat-template/--no-chat-template",
-            help="default: use the tokenizer's template if it has one",
-        ),
+        chat_template: bool = opt.CHAT_TEMPLATE,
         grad_norm: bool = typer.Option(
             True, "--grad-norm/--no-grad-norm", help="also estimate ||grad V_x|| (one backward per prompt)"
         ),

@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from preflens.commands import options as opt
+
 # RFTConfig's defaults, repeated here so that `preflens --help` does not import torch (a test checks they agree)
 DEFAULTS: dict[str, Any] = {
     "steps": 100,
@@ -108,24 +110,12 @@ def _pct(x: float | None) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("rft")
     def rft(
-        prompts: Path = typer.Option(
-            ...,
-            "--prompts",
-            help="jsonl/json/parquet/csv with `prompt` (text or chat messages), optional `reference` and `id`",
-        ),
-        prompt_field: str = typer.Option("prompt", "--prompt-field", help="column holding the prompt"),
-        reference_field: str = typer.Option(
-            "reference", "--reference-field", help="column holding the labelled completion (e.g. solution)"
-        ),
-        reward: str = typer.Option(
-            ...,
-            "--reward",
-            help="exact[:C,W] | normalized | regex:PATTERN | keyword:W1,W2 | length:N | rougeL | model:/path | module:function",
-        ),
+        prompts: Path = opt.PROMPTS,
+        prompt_field: str = opt.PROMPT_FIELD,
+        reference_field: str = opt.REFERENCE_FIELD,
+        reward: str = opt.REWARD,
         output_dir: Path = typer.Option(..., "--output-dir", "-o", help="run directory"),
-        model: str = typer.Option(
-            None, "--model", help="HF id or local path (default: the embedded SmolLM2)"
-        ),
+        model: str = opt.MODEL,
         lora_rank: int = typer.Option(
             0, "--lora-rank", help="LoRA rank on all linear layers; 0 trains all weights"
         ),
@@ -145,7 +135,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(DEFAULTS["temperature"], "--temperature"),
         top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p"),
         max_new_tokens: int = typer.Option(DEFAULTS["max_new_tokens"], "--max-new-tokens"),
-        chat_template: bool = typer.Option(None, "--chat-template/--no-chat-template"),
+        chat_template: bool = opt.CHAT_TEMPLATE,
         std_threshold: float = typer.Option(DEFAULTS["std_threshold"], "--std-threshold"),
         low_reward: float = typer.Option(None, "--low-reward"),
         eval_every: int = typer.Option(
