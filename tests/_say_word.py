@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 WORDS = ("apple", "banana", "cherry", "say", "the", "word", "please", "x", "y", "z")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_tiny(seed: int = 0):

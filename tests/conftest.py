@@ -25,6 +25,17 @@ def _seed_torch() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run several times faster that way on a shared 2-core
+    machine (no spin-waiting between threads). Modules of tiny-model tests use it for every test with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny():
     """(model, tokenizer) from `preflens.models.tiny_model()`: a fresh random 2-layer Llama per test."""
     from preflens.models import tiny_model

@@ -75,17 +75,6 @@ def _data(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train several times faster on one thread on a shared CPU (no spin-waiting)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_run_compare_same_start_one_run_per_loss(tmp_path, one_thread):
     from preflens.compare import run_compare
     from preflens.models import tiny_model

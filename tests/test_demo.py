@@ -21,16 +21,6 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny"
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_html_images(page: str) -> int:
     """Every <img> is a non-empty base64 PNG that PIL decodes; returns how many."""
     from PIL import Image

@@ -13,14 +13,7 @@ from preflens.logprobs import sequence_logps
 from preflens.losses import PairLogps, get_loss
 from test_gram import V, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shared_prefix_pairs(b: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

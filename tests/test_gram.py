@@ -15,16 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from preflens.diagnostics.gram import GramError, StepGramCapture, sequence_gram, token_gram
 from preflens.logprobs import sequence_logps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 96
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(tied: bool = False, bias: bool = False, seed: int = 0) -> LlamaForCausalLM:

@@ -17,16 +17,9 @@ from preflens.losses import PairLogps, get_loss
 from test_entanglement import shared_prefix_pairs
 from test_gram import tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B = 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pair(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from _say_word import WORDS, _one_thread, make_tiny  # noqa: F401  (_one_thread is an autouse fixture)
+from _say_word import make_tiny
 from preflens.diagnostics.reward_std import (
     PromptRow,
     encode_prompt,
@@ -23,6 +23,8 @@ from preflens.diagnostics.reward_std import (
 )
 from preflens.errors import DataError
 from preflens.rewards import RewardError, get_reward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

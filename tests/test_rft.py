@@ -9,11 +9,13 @@ import shutil
 import pytest
 import torch
 
-from _say_word import WORDS, _one_thread, make_tiny  # noqa: F401  (_one_thread is an autouse fixture)
+from _say_word import make_tiny
 from preflens.diagnostics.reward_std import PromptRow
 from preflens.errors import PreflensError, RunDirError
 from preflens.rewards import Reward, RewardError, get_reward
 from preflens.rft import RFTConfig, latest_checkpoint, train_rft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["say apple", "say the word apple", "please say apple", "x y"]
 

@@ -16,6 +16,8 @@ from preflens.errors import DataError, PreflensError, RunDirError, TrainingDiver
 from preflens.losses import LOSSES
 from preflens.train import TrainConfig, Trainer, TrainerCallback, resolve_loss_kwargs, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEP_KEYS = {
     "loss",
     "logps/chosen",
@@ -31,15 +33,6 @@ STEP_KEYS = {
     "epoch",
     "tokens",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~20x faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny():

@@ -7,19 +7,12 @@ import json
 import sys
 
 import pytest
-import torch
 import yaml
 
 from preflens.cli import main
 from preflens.data.synthetic import sentiment_pairs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

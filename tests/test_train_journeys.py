@@ -10,21 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from preflens.commands.train import run_train
 from preflens.data.synthetic import sentiment_pairs
 from preflens.train import TrainerCallback
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is much faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
