@@ -212,3 +212,24 @@ def test_ches_vs_change_on_a_real_training_run(tmp_path):
     assert len(res.table) == len(table) > 0
     assert set(res.table["pair_id"]) == set(table["pair_id"])
     assert (table["last_step"] > table["first_step"]).all()
+
+
+def test_chosen_change_table_counts_falls_beyond_the_runs_noise_threshold(tmp_path):
+    """A float32 run counts a chosen drop of more than 1e-4 nats as a fall, a bf16 run more than 1e-2
+    (`preflens.train.fell_tolerance`): the same threshold as the trainer's metrics and the report."""
+    import pandas as pd
+
+    from preflens.diagnostics.displacement import chosen_change_table
+    from preflens.tracking import write_config
+
+    drops = [5e-5, 1e-3, 0.5]  # noise, a float32-visible fall, a fall in any precision
+    rows = [
+        dict(step=s, split="eval", pair_id=i, chosen=-10.0 - (d if s else 0.0), rejected=-12.0)
+        for i, d in enumerate(drops)
+        for s in (0, 5)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "pairs.parquet")
+    for dtype, expected in [("float32", [False, True, True]), ("bfloat16", [False, False, True])]:
+        write_config(tmp_path, {"dtype": dtype, "mixed_precision": "no"})
+        assert chosen_change_table(tmp_path)["chosen_fell"].tolist() == expected, dtype
+    assert chosen_change_table(tmp_path, fell_tol=0.0)["chosen_fell"].tolist() == [True, True, True]

@@ -152,7 +152,23 @@ def test_probe_runner_observed_changes_and_restores_mode() -> None:
         assert abs(r["obs_delta_chosen"] - float(lp1[i] - lp[i])) < 1e-4
         assert abs(r["obs_delta_rejected"] - float(lp1[4 + i] - lp[4 + i])) < 1e-4
         assert r["pred_at_prev_chosen"] == pytest.approx(3 * rows0[i]["batch_pred_delta_chosen"])
-    assert agg1["probe/frac_chosen_fell"] == pytest.approx(float((lp1[:4] < lp[:4]).float().mean()))
+    assert agg1["probe/frac_chosen_fell"] == pytest.approx(float((lp1[:4] < lp[:4] - 1e-4).float().mean()))
+
+
+def test_probe_counts_a_fall_only_beyond_the_noise_threshold() -> None:
+    """Re-scoring noise (here: a start 5e-5 nats above the current log-prob) is not displacement; a drop
+    of 1e-3 is, in float32 (threshold 1e-4) but not under a bf16 threshold (1e-2)."""
+    from preflens.probes import ProbeRunner
+
+    model = tiny_llama(seed=5)
+    batch = shared_prefix_pairs(b=4)
+    lp = logps(model, batch)
+    ref = (lp[:4] - 0.1, lp[4:] + 0.1)
+    for tol, above, expected in [(1e-4, 5e-5, 0.0), (1e-4, 1e-3, 1.0), (1e-2, 1e-3, 0.0)]:
+        runner = ProbeRunner(model, batch, get_loss("dpo"), ref, fell_tol=tol)
+        runner.first = (lp[:4].detach() + above, lp[4:].detach())
+        _, agg = runner.run(1, lr=0.01)
+        assert agg["probe/frac_chosen_fell"] == expected, (tol, above)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "normalized"])

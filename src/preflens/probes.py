@@ -74,8 +74,12 @@ class ProbeRunner:
         params: Any = None,
         reduction: str = "mean",
         ref_tokens: tuple[Tensor, Tensor] | None = None,
+        fell_tol: float = 1e-4,
     ) -> None:
         self.model = model
+        # nats a log-prob must move to count as fallen/risen: re-scoring noise is not displacement
+        # (`preflens.train.fell_tolerance`: 1e-4 in float32, 1e-2 in bf16, as the trainer's metrics)
+        self.fell_tol = fell_tol
         # per-token reference log-probs [B, L] (left-aligned), for token-level losses (`sparse`)
         self.ref_tokens = ref_tokens
         self.batch = batch
@@ -155,11 +159,14 @@ class ProbeRunner:
                 # what the previous probe predicted for one step, times the steps since
                 r["pred_at_prev_chosen"] = float(prev["pred_c"][i]) * r["obs_steps"]
                 r["pred_at_prev_rejected"] = float(prev["pred_r"][i]) * r["obs_steps"]
-        agg["probe/frac_chosen_fell"] = float((chosen < self.first[0]).float().mean())
-        agg["probe/frac_rejected_rose"] = float((rejected > self.first[1]).float().mean())
+        tol = self.fell_tol
+        agg["probe/frac_chosen_fell"] = float((chosen < self.first[0] - tol).float().mean())
+        agg["probe/frac_rejected_rose"] = float((rejected > self.first[1] + tol).float().mean())
         if prev is not None:
-            agg["probe/frac_chosen_fell_since_prev"] = float((chosen < prev["chosen"]).float().mean())
-            agg["probe/frac_rejected_rose_since_prev"] = float((rejected > prev["rejected"]).float().mean())
+            agg["probe/frac_chosen_fell_since_prev"] = float((chosen < prev["chosen"] - tol).float().mean())
+            agg["probe/frac_rejected_rose_since_prev"] = float(
+                (rejected > prev["rejected"] + tol).float().mean()
+            )
         agg["probe/logps_chosen"] = float(chosen.mean())
         agg["probe/logps_rejected"] = float(rejected.mean())
         self.prev = {
@@ -340,7 +347,12 @@ class ProbeCallback(TrainerCallback):
                 for key in ("chosen_tokens", "rejected_tokens")
             )
         self.runner = ProbeRunner(
-            model, batch, trainer.loss_fn, (ref[:, 0], ref[:, 1]), ref_tokens=ref_tokens
+            model,
+            batch,
+            trainer.loss_fn,
+            (ref[:, 0], ref[:, 1]),
+            ref_tokens=ref_tokens,
+            fell_tol=trainer._fell_tol,
         )
         if trainer.state.step == 0:
             self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])

@@ -295,9 +295,24 @@ def _read_pairs(run_dir: str | Path):
     return df
 
 
-def chosen_change_table(run_dir: str | Path, split: str | None = None):
+def _run_fell_tol(run_dir: Path) -> float:
+    from preflens.train import fell_tolerance
+
+    cfg: dict = {}
+    if (run_dir / "config.yaml").is_file():
+        from preflens.tracking import read_config
+
+        cfg = read_config(run_dir)
+    return fell_tolerance(cfg.get("dtype"), cfg.get("mixed_precision"))
+
+
+def chosen_change_table(run_dir: str | Path, split: str | None = None, fell_tol: float | None = None):
     """Per pair: chosen/rejected log-probs at its first and last evaluation, the change, and whether
     the chosen log-prob fell (likelihood displacement, seed 003 Sec. 1).
+
+    "Fell" means by more than `fell_tol` nats: re-scoring noise is not displacement. None takes the
+    trainer's threshold for the run's precision (`preflens.train.fell_tolerance`, read from its
+    config.yaml; 1e-4 in float32, 1e-2 in bf16), so this table, the metrics and the report agree.
 
     Returns a DataFrame with columns split, pair_id, first_step, last_step, chosen_first,
     chosen_last, chosen_change, rejected_first, rejected_last, rejected_change, chosen_fell.
@@ -319,7 +334,9 @@ def chosen_change_table(run_dir: str | Path, split: str | None = None):
     out["rejected_last"] = last["rejected"]
     out["chosen_change"] = out["chosen_last"] - out["chosen_first"]
     out["rejected_change"] = out["rejected_last"] - out["rejected_first"]
-    out["chosen_fell"] = out["chosen_change"] < 0
+    if fell_tol is None:
+        fell_tol = _run_fell_tol(Path(run_dir))
+    out["chosen_fell"] = out["chosen_change"] < -fell_tol
     cols = [
         "first_step",
         "last_step",

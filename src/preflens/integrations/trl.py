@@ -163,6 +163,12 @@ class PreflensCallback(TrainerCallback):
     ) -> None:
         model = model if model is not None else self.trainer.model
         resumed = int(state.global_step) > 0
+        from preflens.train import fell_tolerance
+
+        # the threshold preflens's own trainer uses for "chosen fell" in this precision
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        mixed = "bf16" if (getattr(args, "bf16", False) or getattr(args, "fp16", False)) else "no"
+        self.fell_tol = fell_tolerance(dtype, mixed)
         if state.is_world_process_zero:
             self.out.mkdir(parents=True, exist_ok=True)
         # a second train() of the same trainer starts its tables afresh (the reference, if measured, stays:
@@ -338,7 +344,7 @@ class PreflensCallback(TrainerCallback):
             if self.start is None:
                 self.start = lp[:b]
             agg = {
-                "probe/frac_chosen_fell": float((lp[:b] < self.start).double().mean()),
+                "probe/frac_chosen_fell": float((lp[:b] < self.start - self.fell_tol).double().mean()),
                 "probe/logps_chosen": float(lp[:b].mean()),
                 "probe/logps_rejected": float(lp[b:].mean()),
             }
@@ -369,7 +375,7 @@ class PreflensCallback(TrainerCallback):
             batch = {k: v.to(dev) for k, v in self.batch.items()}
             ref = (self.ref[0].to(dev), self.ref[1].to(dev)) if self.ref is not None else None
             prev = None if self.runner is None else (self.runner.first, self.runner.prev)
-            self.runner = ProbeRunner(model, batch, self.loss_fn, ref=ref)
+            self.runner = ProbeRunner(model, batch, self.loss_fn, ref=ref, fell_tol=self.fell_tol)
             if prev is not None:
                 self.runner.first, self.runner.prev = prev
             elif self._restored is not None:  # a resumed run: the probes written before the checkpoint
