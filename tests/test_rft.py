@@ -295,3 +295,43 @@ def test_lora_rft_trains_only_adapters_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr("preflens.commands.rft._load", lambda name: (base2, tok))
     run_rft(output_dir=tmp_path / "run", steps=4, resume=True, **kw)
     assert [r["step"] for r in _metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+class _CtrlCAt(Reward):
+    """apple_fraction, but the `at`-th call raises KeyboardInterrupt (Ctrl-C while a step scores)."""
+
+    name = "ctrl-c"
+
+    def __init__(self, at: int) -> None:
+        self.calls, self.at = 0, at
+
+    def __call__(self, prompts, completions, *, references=None):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return apple_fraction(prompts, completions)
+
+
+def test_ctrl_c_checkpoints_the_last_step_and_resume_matches_the_uninterrupted_run(tmp_path):
+    """Ctrl-C before a step's update rewinds it (data position, RNG, gradients) and checkpoints the last
+    finished step: the resumed run equals one never interrupted. 2 of 4 prompts per step, so the data
+    position matters; no --save-every checkpoint exists before the interrupt."""
+    cfg = RFTConfig(steps=4, save_every=0, k=4, prompts_per_step=2, lr=1e-2, max_new_tokens=3, eval_every=0)
+    model_a, tok = make_tiny()
+    train_rft(model_a, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "a")
+
+    model_b, _ = make_tiny()
+    # calls: 1-2 = initial evaluation (4 prompts in batches of 2), 3-4 = steps 1-2, 5 = step 3
+    with pytest.raises(KeyboardInterrupt):
+        train_rft(model_b, tok, _rows(), _CtrlCAt(5), cfg, tmp_path / "b")
+    assert latest_checkpoint(tmp_path / "b").name == "step-2"
+    assert [r["step"] for r in _metrics(tmp_path / "b") if r["split"] == "train"] == [1, 2]
+    model_c, _ = make_tiny(seed=123)  # the checkpoint must override these weights
+    train_rft(model_c, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "b", resume=True)
+    drop = {"step_time"}
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ma] == [
+        {k: v for k, v in r.items() if k not in drop} for r in mb
+    ]
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p, q)

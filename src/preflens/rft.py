@@ -350,15 +350,50 @@ def train_rft(
             f"small-std {summ['frac_small_std']:.1%}  small-std & low reward {_pct(summ['frac_small_std_and_low_reward'])}"
         )
 
+    # Set when an optimizer starts a parameter update: an interrupt after that point cannot be rewound
+    # to the step's start, so no checkpoint is written for it (the last saved one stays the resume point).
+    updating = [False]
+    for o in (opt_sft, opt_rft):
+        getattr(o, "optimizer", o).register_step_pre_hook(
+            lambda *_: updating.__setitem__(0, True)
+        )  # under accelerate's wrapper
+
     def guarded(fn: Any, what: str) -> Any:
-        """Run one step; if the reward breaks, save logs + a checkpoint of the last good step first."""
+        """Run one step (or evaluation) so that a failure or Ctrl-C loses nothing already done.
+
+        A broken reward saves logs + a checkpoint of the last good step before the error. Ctrl-C (or
+        SIGTERM, which the CLI turns into the same) before the parameter update rewinds the step (data
+        position, RNG, gradients) and checkpoints the last finished step, so `--resume` continues as if
+        uninterrupted; during or after the update the last saved checkpoint stays the resume point.
+        """
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        pos = state.state_dict()
+        updating[0] = False
         try:
             return fn()
+        except KeyboardInterrupt:
+            if updating[0]:
+                say(
+                    f"interrupted during the update of step {state.step + 1}: resume from the last checkpoint"
+                )
+                raise
+            for o in (opt_sft, opt_rft):
+                o.zero_grad(set_to_none=True)
+            state.load_state_dict(pos)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            if state.step:
+                save_checkpoint()
+                say(f"interrupted during {what}: saved checkpoints/step-{state.step}; continue with --resume")
+            else:
+                log.flush()
+            raise
         except RewardError as exc:
             for o in (opt_sft, opt_rft):
                 o.zero_grad(set_to_none=True)
+            state.load_state_dict(pos)  # the step's prompts are drawn again on resume
             torch.set_rng_state(rng)  # the checkpoint replays the failed step's sampling on resume
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
@@ -372,14 +407,21 @@ def train_rft(
                 "computed so far; fix the reward and rerun with --resume]"
             ) from exc
 
+    from preflens.train import sigterm_as_interrupt
+
+    sigterm = sigterm_as_interrupt()  # SIGTERM (preemption, timeout, kill) takes Ctrl-C's path below
+    sigterm.__enter__()
     try:
         if state.step == 0:
             guarded(lambda: evaluate("init"), "the initial evaluation")
 
         model.train()
         while state.step < config.initial_sft:
-            loss, gnorm = _sft_step(
-                model, tokenizer, rows, encoded, sft_pool, state, config, opt_sft, eos, device
+            loss, gnorm = guarded(
+                lambda: _sft_step(
+                    model, tokenizer, rows, encoded, sft_pool, state, config, opt_sft, eos, device
+                ),
+                "an SFT step",
             )
             state.step += 1
             log.metrics(
@@ -404,6 +446,10 @@ def train_rft(
             ref_model = _reference_model(model, accelerator, run_dir, config, state)
             ref_model.to(device).eval().requires_grad_(False)
 
+        done = state.step - config.initial_sft
+        if resume and config.eval_every and 0 < done and done % config.eval_every == 0 and state.step < total:
+            if f"rft-{state.step}" not in evals:  # an interrupt cut this evaluation short
+                guarded(lambda: evaluate("rft"), "an evaluation")
         while state.step < total:
             row = guarded(
                 lambda: _rft_step(
@@ -425,6 +471,7 @@ def train_rft(
             guarded(lambda: evaluate("final"), "the final evaluation")
         save_checkpoint()
     finally:
+        sigterm.__exit__(None, None, None)
         log.tracker.close()
 
     final_dir = run_dir / "final"

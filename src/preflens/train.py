@@ -1710,7 +1710,7 @@ class Trainer:
         pending: dict[str, Any] | None = None
         self._phase = "between"
         stack = contextlib.ExitStack()
-        stack.enter_context(_sigterm_as_interrupt())
+        stack.enter_context(sigterm_as_interrupt())
         try:
             if state.step == 0:
                 self.evaluate()
@@ -1758,7 +1758,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into `Terminated` while the loop runs.
 
     Why: cluster schedulers preempt (SLURM, Kubernetes), `timeout` and `kill` stop a run with SIGTERM,
