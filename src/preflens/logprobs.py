@@ -95,6 +95,23 @@ def _chunk_logps(head: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        return bool(torch.is_autocast_enabled())
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device, or None outside autocast."""
+    if not _autocast_on(device_type):
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 class _FusedLinearLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[targets] over row chunks, keeping only each row's logsumexp.
 
@@ -103,6 +120,11 @@ class _FusedLinearLogps(torch.autograd.Function):
     dW += dz^T h: one [chunk, V] buffer at a time and no autograd graph over it. Measured on SmolLM2
     shapes (512 rows, CPU, benchmarks/logprobs_head.py): 1.37x faster than checkpointing `_chunk_logps`
     and 2.8x less peak memory.
+
+    Under autocast (`--mixed-precision bf16`) the forward's matmul is autocast's, and the backward, which
+    the autograd engine runs outside the autocast context, casts explicitly to the same dtype: the
+    matmuls a module's autocast backward would run in bf16 run in bf16 here too, the softmax and the
+    weight-gradient accumulation stay in fp32.
     """
 
     @staticmethod
@@ -117,6 +139,7 @@ class _FusedLinearLogps(torch.autograd.Function):
             tgt[s : s + chunk_rows] = z.gather(-1, targets[s : s + chunk_rows, None]).squeeze(-1)
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_rows = chunk_rows
+        ctx.autocast_dtype = _autocast_dtype(h.device.type)
         return tgt - lse
 
     @staticmethod
@@ -127,17 +150,26 @@ class _FusedLinearLogps(torch.autograd.Function):
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        dt = ctx.autocast_dtype
+        if dt is not None:  # the forward ran under autocast: the same casts, once, not per chunk
+            h_mm, w_mm = h.to(dt), weight.to(dt)
+            b_mm = None if bias is None else bias.to(dt)
+        else:
+            h_mm, w_mm, b_mm = h, weight, bias
         for s in range(0, h.shape[0], cr):
-            hc, g = h[s : s + cr], grad[s : s + cr, None].float()
-            dz = F.linear(hc, weight, bias).float().sub_(lse[s : s + cr, None]).exp_().mul_(-g)
+            hc, g = h_mm[s : s + cr], grad[s : s + cr, None].float()
+            dz = F.linear(hc, w_mm, b_mm).float().sub_(lse[s : s + cr, None]).exp_().mul_(-g)
             dz.scatter_add_(-1, targets[s : s + cr, None], g)
             if gb is not None:
                 gb += dz.sum(0)
-            dz = dz.to(h.dtype)
+            dz = dz.to(hc.dtype)
             if gh is not None:
-                gh[s : s + cr] = dz @ weight
+                gh[s : s + cr] = dz @ w_mm
             if gw is not None:
-                gw.addmm_(dz.t().float(), hc.float())
+                if dt is not None:
+                    gw += dz.t() @ hc  # autocast's precision for this matmul, accumulated in fp32
+                else:
+                    gw.addmm_(dz.t().float(), hc.float())
         return (
             gh,
             None if gw is None else gw.to(weight.dtype),
@@ -147,15 +179,13 @@ class _FusedLinearLogps(torch.autograd.Function):
         )
 
 
-def _can_fuse(head: nn.Module, h: Tensor) -> bool:
+def _can_fuse(head: nn.Module) -> bool:
     """The fused path computes the head's matmul itself, so only a plain nn.Linear qualifies, with no
-    hooks (gradient diagnostics hook the lm_head's forward) and no autocast (whose dtype choice the
-    recomputation in the backward would not see)."""
+    hooks (gradient diagnostics hook the lm_head's forward)."""
     return (
         type(head) is nn.Linear
         and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks)
         and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        and not torch.is_autocast_enabled(h.device.type)
     )
 
 
@@ -166,7 +196,7 @@ def _selected_logps(head: nn.Module, h: Tensor, targets: Tensor, chunk_rows: int
     needs_grad = torch.is_grad_enabled() and (
         h.requires_grad or any(p.requires_grad for p in head.parameters())
     )
-    if needs_grad and _can_fuse(head, h):
+    if needs_grad and _can_fuse(head):
         return _FusedLinearLogps.apply(h, head.weight, head.bias, targets, chunk_rows)
     out = []
     for start in range(0, h.shape[0], chunk_rows):
@@ -326,13 +356,6 @@ def pair_logps_from_batch(
     if ref_tokens is not None:
         p.ref_chosen_tokens, p.ref_rejected_tokens = ref_tokens
     return p
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4 takes no device type
-        return bool(torch.is_autocast_enabled())
 
 
 def check_padding_free(
