@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from _chromium import screenshot
+
 
 @pytest.fixture
 def tiny_dir(tmp_path):
@@ -96,22 +98,5 @@ def test_demo_quick_on_the_embedded_model_through_the_cli(tmp_path):
     assert _check_html_images((out / "dpo" / "report.html").read_text()) >= 6
     if shutil.which("chromium"):
         shot = tmp_path / "shot.png"
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--screenshot={shot}",
-                "--window-size=1200,2000",
-                (out / "report.html").resolve().as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        screenshot(out / "report.html", shot, height=2000)
         assert shot.stat().st_size > 20000

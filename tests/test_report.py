@@ -7,13 +7,13 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from _chromium import screenshot
 from preflens.errors import PreflensError
 from preflens.report import diagnose, frac_chosen_fell_by_step, load_run, write_report
 
@@ -207,24 +207,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     out = write_report(_make_run(tmp_path, ches=True))
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--screenshot={shot}",
-            "--window-size=1200,3000",
-            out.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    screenshot(out, shot, height=3000)
     img = np.asarray(Image.open(shot).convert("RGB"))
     # the figures' chosen blue (#1f77b4) is on screen: the images were decoded and drawn
     blue = (np.abs(img.astype(int) - [0x1F, 0x77, 0xB4]).sum(axis=2) < 30).sum()
