@@ -23,7 +23,8 @@ log-prob is `log_softmax(logits[s, t-1])[input_ids[s, t]]`; padding on the right
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,9 +32,10 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from preflens.errors import PreflensError
-from preflens.losses import PairLogps
 
 __all__ = [
+    "PairLogps",
+    "split_pairs",
     "SequenceLogps",
     "sequence_logps",
     "pair_logps_from_batch",
@@ -44,6 +46,86 @@ __all__ = [
 # Rows of logits computed at once by the chunked unembedding. 1024 rows x 49k vocab x 4 bytes is
 # ~200 MB for SmolLM2; small enough for a laptop, large enough to keep the matmul efficient.
 DEFAULT_CHUNK_ROWS = 1024
+
+
+@dataclass
+class PairLogps:
+    """Per-pair sequence statistics, the only input a loss sees (DESIGN.md; re-exported by `preflens.losses`).
+
+    Shapes are [B] unless noted. `chosen`/`rejected` are *summed* policy log-probs over the response
+    tokens; `ref_*` the same under the reference model; `*_len` the response token counts.
+    Token-level fields ([B, L], left-aligned at the response start, see ARCHITECTURE.md) are needed
+    only by token-level losses; `*_grad_norm` only by `normalized`.
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    chosen_len: Tensor | None = None
+    rejected_len: Tensor | None = None
+    # token level ([B, L], left-aligned at the response start)
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
+    ref_chosen_tokens: Tensor | None = None
+    ref_rejected_tokens: Tensor | None = None
+    chosen_mask: Tensor | None = None
+    rejected_mask: Tensor | None = None
+    chosen_token_ids: Tensor | None = None
+    rejected_token_ids: Tensor | None = None
+    # logits of a learned token mask (sparse PO, mask="learned"), [B, L]
+    chosen_mask_logits: Tensor | None = None
+    rejected_mask_logits: Tensor | None = None
+    # per-sequence gradient norms |g_w|, |g_l| (normalized PO), [B]
+    chosen_grad_norm: Tensor | None = None
+    rejected_grad_norm: Tensor | None = None
+
+    def require(self, *names: str, loss: str) -> None:
+        """Raise a clear error when a loss needs a field the caller did not fill."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise PreflensError(
+                f"loss '{loss}' needs PairLogps fields {missing}, which are None "
+                f"(reference log-probs, lengths, token-level or gradient-norm fields must be computed first)"
+            )
+
+    def replace(self, **changes: Any) -> PairLogps:
+        """A copy with some fields replaced (used to differentiate w.r.t. chosen/rejected)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return PairLogps(**values)
+
+
+def split_pairs(
+    logps: Tensor,
+    lengths: Tensor,
+    ref: tuple[Tensor, Tensor] | None = None,
+    *,
+    grad_norms: Tensor | None = None,
+) -> PairLogps:
+    """The one place that turns 2B per-sequence rows (B chosen rows, then B rejected rows: the batch layout
+    of ARCHITECTURE.md) into a `PairLogps`.
+
+    Why one builder: every producer of sequence statistics (the training forward, the Gram pass of the
+    probes, the single-token analysis) splits the same layout; written out six times, one copy was bound to
+    split it differently. `ref` are the reference log-probs (chosen, rejected) of the same B pairs, cast to
+    `logps`'s dtype and device; `grad_norms` [2B] the per-sequence gradient norms `normalized` reads.
+    """
+    n = logps.shape[0]
+    if n % 2:
+        raise PreflensError(f"a pair batch has an even number of rows (chosen then rejected); got {n}")
+    b = n // 2
+    p = PairLogps(
+        chosen=logps[:b],
+        rejected=logps[b:],
+        ref_chosen=None if ref is None else ref[0].to(logps),
+        ref_rejected=None if ref is None else ref[1].to(logps),
+        chosen_len=lengths[:b],
+        rejected_len=lengths[b:],
+    )
+    if grad_norms is not None:
+        p.chosen_grad_norm, p.rejected_grad_norm = grad_norms[:b], grad_norms[b:]
+    return p
 
 
 @dataclass
@@ -328,31 +410,15 @@ def pair_logps_from_batch(
     `ref` are the cached reference log-probs (chosen, rejected) of the same pairs, `ref_tokens` their
     per-token versions (left-aligned, for token-level losses).
     """
-    n = policy.logps.shape[0]
-    if n % 2:
-        raise PreflensError(f"a pair batch has an even number of rows (chosen then rejected); got {n}")
-    b = n // 2
+    p = split_pairs(policy.logps, policy.lengths, ref)
+    b = policy.logps.shape[0] // 2
 
     def halves(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         return (None, None) if x is None else (x[:b], x[b:])
 
-    tw, tl = halves(policy.token_logps)
-    mw, ml = halves(policy.token_mask)
-    iw, il = halves(policy.token_ids)
-    p = PairLogps(
-        chosen=policy.logps[:b],
-        rejected=policy.logps[b:],
-        ref_chosen=None if ref is None else ref[0],
-        ref_rejected=None if ref is None else ref[1],
-        chosen_len=policy.lengths[:b],
-        rejected_len=policy.lengths[b:],
-        chosen_tokens=tw,
-        rejected_tokens=tl,
-        chosen_mask=mw,
-        rejected_mask=ml,
-        chosen_token_ids=iw,
-        rejected_token_ids=il,
-    )
+    p.chosen_tokens, p.rejected_tokens = halves(policy.token_logps)
+    p.chosen_mask, p.rejected_mask = halves(policy.token_mask)
+    p.chosen_token_ids, p.rejected_token_ids = halves(policy.token_ids)
     if ref_tokens is not None:
         p.ref_chosen_tokens, p.ref_rejected_tokens = ref_tokens
     return p

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -38,56 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from preflens.errors import PreflensError
+from preflens.logprobs import PairLogps
 
 __all__ = ["PairLogps", "LOSSES", "get_loss", "register_loss", "loss_hparams", "margin_weights", "LossFn"]
-
-
-@dataclass
-class PairLogps:
-    """Per-pair sequence statistics, the only input a loss sees.
-
-    Shapes are [B] unless noted. `chosen`/`rejected` are *summed* policy log-probs over the response
-    tokens; `ref_*` the same under the reference model; `*_len` the response token counts.
-    Token-level fields ([B, L], left-aligned at the response start, see ARCHITECTURE.md) are needed
-    only by token-level losses; `*_grad_norm` only by `normalized`.
-    """
-
-    chosen: Tensor
-    rejected: Tensor
-    ref_chosen: Tensor | None = None
-    ref_rejected: Tensor | None = None
-    chosen_len: Tensor | None = None
-    rejected_len: Tensor | None = None
-    # token level ([B, L], left-aligned at the response start)
-    chosen_tokens: Tensor | None = None
-    rejected_tokens: Tensor | None = None
-    ref_chosen_tokens: Tensor | None = None
-    ref_rejected_tokens: Tensor | None = None
-    chosen_mask: Tensor | None = None
-    rejected_mask: Tensor | None = None
-    chosen_token_ids: Tensor | None = None
-    rejected_token_ids: Tensor | None = None
-    # logits of a learned token mask (sparse PO, mask="learned"), [B, L]
-    chosen_mask_logits: Tensor | None = None
-    rejected_mask_logits: Tensor | None = None
-    # per-sequence gradient norms |g_w|, |g_l| (normalized PO), [B]
-    chosen_grad_norm: Tensor | None = None
-    rejected_grad_norm: Tensor | None = None
-
-    def require(self, *names: str, loss: str) -> None:
-        """Raise a clear error when a loss needs a field the caller did not fill."""
-        missing = [n for n in names if getattr(self, n) is None]
-        if missing:
-            raise PreflensError(
-                f"loss '{loss}' needs PairLogps fields {missing}, which are None "
-                f"(reference log-probs, lengths, token-level or gradient-norm fields must be computed first)"
-            )
-
-    def replace(self, **changes: Any) -> PairLogps:
-        """A copy with some fields replaced (used to differentiate w.r.t. chosen/rejected)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return PairLogps(**values)
 
 
 LossFn = Callable[[PairLogps], Tensor]

@@ -1,0 +1,183 @@
+"""What every preflens training loop needs from its process, written once: the Accelerator, the seed,
+SIGTERM handled as Ctrl-C, and the step guard that lets an interrupted step be rewound exactly.
+
+Why one module: the preference trainer, reinforcement finetuning (`rft`) and the CHES dataset scan each
+built their own Accelerator (one forgot the CPU process-group case, one the singleton reset) and the two
+loops each had their own copy of "remember the RNG at the step's start, rewind on Ctrl-C".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "make_accelerator",
+    "seed_everything",
+    "Terminated",
+    "sigterm_as_interrupt",
+    "RngSnapshot",
+    "StepGuard",
+]
+
+
+def _tensorboard_available() -> bool:
+    for name in ("tensorboard", "tensorboardX"):
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def make_accelerator(
+    run_dir: str | Path | None = None,
+    *,
+    mixed_precision: str = "no",
+    report_to: str = "none",
+    split_batches: bool = False,
+) -> Any:
+    """An `accelerate.Accelerator` for one run.
+
+    - Several runs in one Python process (tests, `preflens compare`, experiments) must not inherit the
+      previous run's settings, which accelerate keeps in a singleton: it is reset, except inside a launched
+      process group (where it would forget the group).
+    - Under `torchrun`/`accelerate launch` on a machine without CUDA, accelerate only picks the gloo
+      (MULTI_CPU) backend when told `cpu=True`; otherwise every process would think it is alone.
+    - `report_to="tensorboard"` logs to `<run_dir>/tb` when tensorboard (or tensorboardX) is installed.
+    - `split_batches=True`: the prepared dataloader's batch is the *global* batch, split across processes
+      (the preference trainer's `--batch-size` contract).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    log_with = "tensorboard" if report_to == "tensorboard" and _tensorboard_available() else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs: dict[str, Any] = {}
+    if run_dir is not None:
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tb"), automatic_checkpoint_naming=False
+        )
+    if split_batches:
+        kwargs["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
+    return Accelerator(
+        cpu=world > 1 and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        **kwargs,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every GPU) generators: accelerate's `set_seed`."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during training, handled as Ctrl-C (the last finished step is checkpointed)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while the loop runs.
+
+    Why: cluster schedulers preempt (SLURM, Kubernetes), `timeout` and `kill` stop a run with SIGTERM,
+    whose default action ends the process at once, losing every step since the last --save-every
+    checkpoint. Raised in the loop, it takes Ctrl-C's path instead. Later SIGTERMs are ignored so they
+    cannot cut that checkpoint short. Only the main thread can install handlers; elsewhere, nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class RngSnapshot:
+    """torch's CPU and CUDA generator states at one moment (what a rewound step must draw again)."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def take(cls) -> RngSnapshot:
+        return cls(
+            torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        )
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class StepGuard:
+    """Where the current step started, and whether its parameter update has begun.
+
+    A loop calls `begin(position)` at the start of each step (position: the loop's data position, e.g.
+    its state dict) and `end()` once the step's update is done. An interrupt (Ctrl-C, SIGTERM, a failing
+    reward) *before* the update can be undone: `rewind()` zeroes the gradients, restores the RNG and
+    returns the position the step started from, so a checkpoint of the previous step resumes exactly.
+    During the update (`updating`), the parameters are half-written and the last checkpoint stays the
+    resume point. The update is detected by a pre-hook on each optimizer's `step`, so it cannot be missed.
+    """
+
+    def __init__(self, optimizers: Iterable[Any]) -> None:
+        self.optimizers = list(optimizers)
+        self.phase = "between"
+        """"forward" (the step can be rewound), "update" (it cannot) or "between" (no step running)."""
+        self._start: tuple[Any, RngSnapshot] | None = None
+        for opt in self.optimizers:
+            inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the real one
+            inner.register_step_pre_hook(self._on_update)
+
+    def _on_update(self, *_: Any) -> None:
+        if self.phase == "forward":
+            self.phase = "update"
+
+    @property
+    def updating(self) -> bool:
+        return self.phase == "update"
+
+    def begin(self, position: Any) -> None:
+        self._start = (position, RngSnapshot.take())
+        self.phase = "forward"
+
+    def end(self) -> None:
+        self.phase = "between"
+
+    def rewind(self) -> Any:
+        """Undo the half-done step; returns the position `begin` was given."""
+        if self._start is None:
+            raise RuntimeError("StepGuard.rewind() before begin()")
+        position, rng = self._start
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        rng.restore()
+        self.phase = "between"
+        return position
