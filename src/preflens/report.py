@@ -65,7 +65,7 @@ class RunData:
     def fell_tol(self) -> float:
         """The trainer's threshold for "chosen fell" (`preflens.train.fell_tolerance`) for this run's
         precision; float32's when the run directory has no config.yaml (e.g. a TRL run)."""
-        from preflens.train import fell_tolerance
+        from preflens.diagnostics.displacement import fell_tolerance
 
         cfg = self.config or {}
         return fell_tolerance(cfg.get("dtype"), cfg.get("mixed_precision"))

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from preflens.diagnostics.displacement import fell_tolerance
 from preflens.errors import DataError, PreflensError, RunDirError, TrainingDivergedError
 
 __all__ = [
@@ -495,16 +496,6 @@ def _all_reduce_mean_grads(params: Sequence[Any], bucket_elems: int = 1 << 25) -
             for g in bucket:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
-
-
-def fell_tolerance(dtype: str | None, mixed_precision: str | None) -> float:
-    """Nats a chosen log-prob must drop below its start to count as fallen (`frac_chosen_fell`).
-
-    Re-scoring the same pair after an update moves it by numerical noise alone: ~1e-6 in float32, ~1e-3
-    in bf16. That is not likelihood displacement; the report and the metrics use this same threshold.
-    """
-    low = (dtype or "float32") != "float32" or (mixed_precision or "no") != "no"
-    return 1e-2 if low else 1e-4
 
 
 def _fingerprint(items: Sequence[Any]) -> str:

@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from preflens.errors import PreflensError
 
 __all__ = [
+    "fell_tolerance",
+    "run_fell_tolerance",
     "TokenChange",
     "SingleTokenResult",
     "max_decrease",
@@ -295,14 +297,23 @@ def _read_pairs(run_dir: str | Path):
     return df
 
 
-def _run_fell_tol(run_dir: Path) -> float:
-    from preflens.train import fell_tolerance
+def fell_tolerance(dtype: str | None, mixed_precision: str | None) -> float:
+    """Nats a chosen log-prob must drop below its start to count as fallen (`frac_chosen_fell`).
 
-    cfg: dict = {}
-    if (run_dir / "config.yaml").is_file():
-        from preflens.tracking import read_config
+    Re-scoring the same pair after an update moves it by numerical noise alone: ~1e-6 in float32, ~1e-3
+    in bf16. That is not likelihood displacement; the trainer's metrics, the probes, the TRL callback and
+    the report all use this one threshold.
+    """
+    low = (dtype or "float32") != "float32" or (mixed_precision or "no") != "no"
+    return 1e-2 if low else 1e-4
 
-        cfg = read_config(run_dir)
+
+def run_fell_tolerance(run_dir: str | Path) -> float:
+    """`fell_tolerance` for a finished run, from the precision its config.yaml records (float32 if none)."""
+    from preflens.tracking import read_config
+
+    run_dir = Path(run_dir)
+    cfg: dict = read_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
     return fell_tolerance(cfg.get("dtype"), cfg.get("mixed_precision"))
 
 
@@ -311,7 +322,7 @@ def chosen_change_table(run_dir: str | Path, split: str | None = None, fell_tol:
     the chosen log-prob fell (likelihood displacement, seed 003 Sec. 1).
 
     "Fell" means by more than `fell_tol` nats: re-scoring noise is not displacement. None takes the
-    trainer's threshold for the run's precision (`preflens.train.fell_tolerance`, read from its
+    trainer's threshold for the run's precision (`fell_tolerance`, read from its
     config.yaml; 1e-4 in float32, 1e-2 in bf16), so this table, the metrics and the report agree.
 
     Returns a DataFrame with columns split, pair_id, first_step, last_step, chosen_first,
@@ -335,7 +346,7 @@ def chosen_change_table(run_dir: str | Path, split: str | None = None, fell_tol:
     out["chosen_change"] = out["chosen_last"] - out["chosen_first"]
     out["rejected_change"] = out["rejected_last"] - out["rejected_first"]
     if fell_tol is None:
-        fell_tol = _run_fell_tol(Path(run_dir))
+        fell_tol = run_fell_tolerance(Path(run_dir))
     out["chosen_fell"] = out["chosen_change"] < -fell_tol
     cols = [
         "first_step",

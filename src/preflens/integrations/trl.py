@@ -163,7 +163,7 @@ class PreflensCallback(TrainerCallback):
     ) -> None:
         model = model if model is not None else self.trainer.model
         resumed = int(state.global_step) > 0
-        from preflens.train import fell_tolerance
+        from preflens.diagnostics.displacement import fell_tolerance
 
         # the threshold preflens's own trainer uses for "chosen fell" in this precision
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
