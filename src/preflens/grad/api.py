@@ -1,0 +1,213 @@
+"""Entry points: the Gram of per-sequence gradients of a batch, its diagonal, per-token Grams, and the
+capture that reads them off a training step's own backward.
+
+- `sequence_gram` / `sequence_gram_and_logps` run their own forward and an activation-only backward
+  (autograd is asked for the gradient of zero "anchors" added to the embedding outputs, so no weight
+  gradient is computed);
+- `StepGramCapture` rides on a training step's forward and backward: there the output-gradient of
+  sequence s is c_s times that of logp_s, c_s = dL/dlogp_s (read from a hook on the log-probs), so
+  the log-prob Gram is Gram_L[s, t] / (c_s c_t).
+A standalone pass inside a step (the `normalized` loss's gradient norms) pauses the step's capture
+through `preflens.grad.capture.ActiveCaptures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from preflens.grad.capture import GramCapture
+from preflens.grad.errors import GramError
+from preflens.grad.kernels import Strategy
+from preflens.logprobs import sequence_logps
+
+__all__ = [
+    "StepGramCapture",
+    "sequence_grad_norms",
+    "sequence_gram",
+    "sequence_gram_and_logps",
+    "token_gram",
+]
+
+
+def sequence_gram_and_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    strategy: Strategy = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """`sequence_gram` plus the summed log-probs [N] it differentiated (detached), from the same forward."""
+    shapes = [tuple(t.shape) for t in (input_ids, attention_mask, response_mask)]
+    if input_ids.dim() != 2 or len(set(shapes)) != 1:
+        raise GramError(
+            "input_ids, attention_mask and response_mask must be [N, T] tensors of one shape; got "
+            + ", ".join(str(s) for s in shapes)
+        )
+    rm = response_mask.bool()
+    cap = GramCapture(
+        model, attention_mask, rm, params, strategy=strategy, compute_dtype=compute_dtype, anchor=True
+    )
+    with torch.enable_grad(), cap:
+        logps = sequence_logps(model, input_ids, attention_mask, rm).logps
+        if not rm.any():
+            return torch.zeros(cap.n, cap.n, dtype=compute_dtype), logps.detach()
+        cap.check_graph(logps)
+        if cap.anchor is None:
+            raise GramError("the input-embedding hook did not run: cannot drive the backward")
+        # Activation-only backward: asking for the anchor's gradient makes autograd skip every
+        # weight gradient (they are what the hooks replace).
+        torch.autograd.grad(logps.sum(), cap.anchors)
+    return cap.finish(), logps.detach()
+
+
+def sequence_gram(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    strategy: Strategy = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """[N, N] Gram matrix of the per-sequence gradients of the summed response log-probs.
+
+    G[s, t] = <grad logp_s, grad logp_t> over the trainable parameters (full model or LoRA adapters),
+    or over `params` (names from `model.named_parameters()` or the Parameters themselves).
+    Exact, from one forward and one activation-only backward (`preflens.grad`). Dropout follows the
+    model's mode: call `model.eval()` first for the deterministic gradient the papers analyse.
+    `strategy` forces the ghost or materialized form everywhere (default: cheaper per parameter).
+    """
+    return sequence_gram_and_logps(
+        model,
+        input_ids,
+        attention_mask,
+        response_mask,
+        params,
+        strategy=strategy,
+        compute_dtype=compute_dtype,
+    )[0]
+
+
+def sequence_grad_norms(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    params: Iterable[str | nn.Parameter] | None = None,
+) -> Tensor:
+    """|grad logp_s| per sequence [N]: normalized preference optimization (Yuan et al. 2024,
+    arXiv 2410.13828, Sec. 5.1) divides by them at every step."""
+    g = sequence_gram(model, input_ids, attention_mask, response_mask, params)
+    return g.diagonal().clamp_min(0).sqrt()
+
+
+def token_gram(
+    model: nn.Module,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    max_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gram of per-*token* gradients of the response tokens of a few sequences.
+
+    `input_ids`, `response_mask` are [S, T] (right-padded rows, e.g. one chosen and one rejected).
+    Each response token t of row s becomes its own sequence (the row truncated after t, with only t
+    marked), so the sequence Gram of that batch is the token Gram. Returns (gram [K, K], owner [K, 2]
+    = (row, response index)) with K the response tokens in row-major order (at most `max_tokens` per
+    row, the first ones). Costs K forward rows: for a probe pair, not for training.
+    """
+    rows = []
+    owner = []
+    for s in range(input_ids.shape[0]):
+        pos = response_mask[s].bool().nonzero(as_tuple=True)[0]
+        if max_tokens is not None:
+            pos = pos[:max_tokens]
+        for j, t in enumerate(pos.tolist()):
+            rows.append((s, t))
+            owner.append((s, j))
+    if not rows:
+        raise GramError("token_gram: no response tokens")
+    longest = max(t for _, t in rows) + 1
+    k = len(rows)
+    ids = input_ids.new_zeros(k, longest)
+    att = torch.zeros(k, longest, dtype=torch.long, device=input_ids.device)
+    rm = torch.zeros(k, longest, dtype=torch.bool, device=input_ids.device)
+    for i, (s, t) in enumerate(rows):
+        ids[i, : t + 1] = input_ids[s, : t + 1]
+        att[i, : t + 1] = 1
+        rm[i, t] = True
+    g = sequence_gram(model, ids, att, rm, params)
+    return g, torch.tensor(owner, dtype=torch.long)
+
+
+class StepGramCapture:
+    """Entanglement statistics from a training step's own backward (DESIGN.md's target: <= 1.3x a plain step;
+    measured 1.35x on a CPU, 1.08x with LoRA: BENCHMARKS.md).
+
+    In a step with loss L(logp_1..logp_N), the output-gradient a layer sees for sequence s is
+    c_s = dL/dlogp_s times the output-gradient of logp_s alone, so the hooks accumulate
+    Gram_L[s, t] = c_s c_t G[s, t] and G[s, t] = Gram_L[s, t] / (c_s c_t). Pairs with c_s = 0 (a
+    saturated hinge) give NaN rows: nothing can be learned about them from this step.
+
+        cap = StepGramCapture(model, batch["attention_mask"], batch["response_mask"])
+        with cap:
+            seq = sequence_logps(model, ...)
+            cap.watch(seq.logps)          # graph check + hook for c = dL/dlogp
+            loss = ...; loss.backward()   # the trainer's ordinary backward (weight grads as usual)
+        gram = cap.result()               # [N, N] Gram of the log-prob gradients
+
+    `fuse_grads=True`: autograd skips the weight gradients of the selected parameters and the hooks
+    write them (p.grad += sum_s G_s, exactly the ordinary gradient), so the per-sequence gradients
+    the statistics need replace that work instead of adding to it. DDP's gradient synchronisation
+    hooks on autograd's weight gradients, so under DDP the caller keeps DDP out (`no_sync`) and
+    all-reduces the gradients itself (the trainer: `manual_grad_sync`); not for FSDP/DeepSpeed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        params: Iterable[str | nn.Parameter] | None = None,
+        *,
+        check_graph: bool = True,
+        fuse_grads: bool = False,
+    ) -> None:
+        self.cap = GramCapture(model, attention_mask, response_mask.bool(), params, fuse_grads=fuse_grads)
+        self.c: Tensor | None = None
+        self._check = check_graph
+
+    def __enter__(self) -> StepGramCapture:
+        self.cap.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cap.remove()
+
+    def watch(self, logps: Tensor) -> None:
+        """Check the graph (once per capture) and hook c = dL/dlogp on the step's log-probs."""
+        if self._check:
+            self.cap.check_graph(logps)
+
+        def grab(g: Tensor) -> None:
+            self.c = g.detach().to(self.cap.dtype)
+
+        logps.register_hook(grab)
+
+    def result(self) -> Tensor:
+        """[N, N] Gram of the log-prob gradients (NaN rows where c_s = 0)."""
+        self.cap.remove()
+        gram_l = self.cap.finish()
+        if self.c is None:
+            raise GramError("StepGramCapture: the watched log-probs received no gradient (no backward?)")
+        scale = torch.outer(self.c, self.c)
+        return torch.where(scale != 0, gram_l / scale, torch.full_like(gram_l, float("nan")))
