@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from preflens.commands import ches as ches_cmd
-from preflens.commands.ches import edit_similarity, run_ches
+from preflens.diagnostics import ches_scan as ches_cmd
+from preflens.diagnostics.ches_scan import edit_similarity, run_ches
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import load_pairs
 from preflens.data.synthetic import SYNTHETIC_VOCAB, sentiment_pairs

@@ -153,7 +153,7 @@ def test_ches_and_probe_on_invalid_drop(tiny_dir: Path, tmp_path: Path) -> None:
 def test_ches_checks_filtered_output_before_scoring(tiny_dir: Path, tmp_path: Path) -> None:
     """`preflens ches ... --drop-top 0.1 --filtered-output kept.txt`: the unwritable suffix was found
     only after the whole dataset had been scored."""
-    from preflens.commands.ches import run_ches
+    from preflens.diagnostics.ches_scan import run_ches
     from preflens.errors import PreflensError
 
     data = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(4))

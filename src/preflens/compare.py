@@ -1,6 +1,6 @@
 """`preflens compare`: the same data and model under several losses, side by side.
 
-Seed 000 (Yuan et al., arXiv 2410.13828), Fig. 1 is this comparison: DPO, IPO, SimPO, CPO, SLiC,
+Yuan et al. 2024 (arXiv 2410.13828), Fig. 1 is this comparison: DPO, IPO, SimPO, CPO, SLiC,
 RRHF, DPOP, R-DPO and SPPO trained on the same data, with the chosen and rejected log-probs of each
 drawn over training. Margin-based losses move the two together (gradient entanglement); losses that
 give chosen and rejected separate targets (SPPO) or normalize their gradients do not. Running the
@@ -19,20 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+
 from preflens.errors import PreflensError
-from preflens.report import (
-    CHOSEN,
-    REJECTED,
-    Figure,
-    Finding,
-    _new_fig,
-    _save,
-    _style,
-    frac_chosen_fell_by_step,
-    generate_report,
-    load_run,
-    render_html,
-)
+from preflens.losses import LOSSES, loss_hparams
+from preflens.report import Finding, frac_chosen_fell_by_step, generate_report, load_run, render_html
+from preflens.report.figures import CHOSEN, REJECTED, Figure, new_fig, save_fig, style_axes
+from preflens.report.papers import YUAN
+from preflens.train import TrainConfig, train
 
 __all__ = ["RunSummary", "summarize_run", "compare_runs", "run_compare"]
 
@@ -120,11 +114,12 @@ def summarize_run(name: str, run_dir: str | Path) -> RunSummary:
 
 
 def _fig_grid(summaries: list[RunSummary], out: Path) -> Figure:
-    """One small panel per loss (chosen blue, rejected red), shared y axis: seed 000's Fig. 1 layout."""
+    """One small panel per loss (chosen blue, rejected red), shared y axis: the layout of Yuan et al.
+    2024 (arXiv 2410.13828), Fig. 1."""
     n = len(summaries)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, axes = _new_fig(ncols=ncols, nrows=nrows, width=3.4, height=2.8)
+    fig, axes = new_fig(ncols=ncols, nrows=nrows, width=3.4, height=2.8)
     lo = min([min(min(s.chosen), min(s.rejected)) for s in summaries if len(s.steps)] + [0.0])
     hi = max([max(max(s.chosen), max(s.rejected)) for s in summaries if len(s.steps)] + [0.0])
     pad = 0.05 * (hi - lo or 1.0)
@@ -134,25 +129,23 @@ def _fig_grid(summaries: list[RunSummary], out: Path) -> Figure:
             ax.plot(s.steps, s.rejected, color=REJECTED, label="rejected", linewidth=2)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_ylim(lo - pad, hi + pad)
-        _style(ax, s.name, "Δ log-prob (nats)")
+        style_axes(ax, s.name, "Δ log-prob (nats)")
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
-    _save(fig, out / "compare_trajectories.png")
+    save_fig(fig, out / "compare_trajectories.png")
     return Figure(
         "trajectories",
         "Chosen and rejected log-prob change per loss",
         out / "compare_trajectories.png",
         "Mean change of the summed chosen (blue) and rejected (red) log-prob since the first measurement, "
-        "one panel per loss, same axes (seed 000, Fig. 1). Both curves going the same way is the "
+        f"one panel per loss, same axes ({YUAN}, Fig. 1). Both curves going the same way is the "
         "synchronized movement of gradient entanglement.",
     )
 
 
 def _fig_overlay(summaries: list[RunSummary], out: Path) -> Figure:
-    fig, axes = _new_fig(ncols=2)
-    from matplotlib import colormaps
-
+    fig, axes = new_fig(ncols=2)
     cmap = colormaps["tab10"]
     for i, s in enumerate(summaries):
         if len(s.steps):
@@ -160,9 +153,9 @@ def _fig_overlay(summaries: list[RunSummary], out: Path) -> Figure:
             axes[1].plot(s.steps, s.rejected, color=cmap(i % 10), label=s.name, linewidth=1.8)
     for ax, what in zip(axes, ("chosen", "rejected")):
         ax.axhline(0, color="black", linewidth=0.6)
-        _style(ax, f"{what}: change per loss", "Δ log-prob (nats)")
+        style_axes(ax, f"{what}: change per loss", "Δ log-prob (nats)")
         ax.legend(fontsize=8)
-    _save(fig, out / "compare_overlay.png")
+    save_fig(fig, out / "compare_overlay.png")
     return Figure(
         "overlay",
         "All losses on one axis",
@@ -289,9 +282,6 @@ def run_compare(
     sets some. `model_factory` returns a fresh (model, tokenizer) per run (Python callers with an
     in-memory model; every run must start from the same weights). Returns OUTPUT/compare.html.
     """
-    from preflens.losses import LOSSES, loss_hparams
-    from preflens.train import TrainConfig, train
-
     losses = list(losses)
     if not losses:
         raise PreflensError("--losses: give at least one loss, e.g. dpo,ipo,simpo")

