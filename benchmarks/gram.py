@@ -128,7 +128,7 @@ def _mem_peak(device: str) -> float:
 def _methods(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     import torch
 
-    from preflens.diagnostics.gram import sequence_gram
+    from preflens.grad import sequence_gram
     from preflens.logprobs import sequence_logps
 
     model, ids, att, rm = _build(args)

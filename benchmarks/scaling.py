@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         fns = {"step": step}
         if not args.no_probe:
-            from preflens.diagnostics.gram import sequence_gram
+            from preflens.grad import sequence_gram
 
             def probe(b: dict[str, Any] = b) -> None:
                 sequence_gram(model, b["input_ids"], b["attention_mask"], b["response_mask"])

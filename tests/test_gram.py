@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from preflens.diagnostics.gram import GramError, StepGramCapture, sequence_gram, token_gram
+from preflens.grad import GramError, StepGramCapture, sequence_gram, token_gram
 from preflens.logprobs import sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
