@@ -15,12 +15,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from preflens.diagnostics import ches_scan as ches_cmd
-from preflens.diagnostics.ches_scan import edit_similarity, run_ches
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import load_pairs
 from preflens.data.synthetic import SYNTHETIC_VOCAB, sentiment_pairs
+from preflens.diagnostics import ches_scan as ches_cmd
 from preflens.diagnostics.ches import ches_score
+from preflens.diagnostics.ches_scan import edit_similarity, run_ches
 from preflens.errors import PreflensError, RunDirError
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "<|im_end|>"]

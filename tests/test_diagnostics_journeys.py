@@ -268,7 +268,7 @@ def test_probe_frac_chosen_fell_after_resume_is_against_step_0(tmp_path: Path) -
 )
 def test_displacement_rejects_impossible_settings(tiny_dir: Path, flags: list[str], flag: str) -> None:
     """`preflens displacement --prompt p --chosen good --rejected bad --lr -1`."""
-    from preflens.commands.displacement import run_displacement
+    from preflens.diagnostics.displacement import run_displacement
     from preflens.errors import PreflensError
 
     lr = float(flags[1]) if flags[0] == "--lr" else 1e-6
@@ -918,7 +918,7 @@ def test_displacement_table_shows_small_probabilities(capsys) -> None:
 def test_probe_says_why_pairs_were_dropped_by_tokenization(tiny_dir: Path, tmp_path: Path) -> None:
     """`preflens probe --max-length 5`: "no pairs left after tokenization" without saying why; and
     when only some were dropped, nothing said so (the summary counted the survivors)."""
-    from preflens.commands.probe import run_probe
+    from preflens.diagnostics.probe_table import run_probe
     from preflens.errors import PreflensError
 
     rows = _pairs(3)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from preflens.commands.displacement import run_displacement
+from preflens.diagnostics.displacement import run_displacement
 from preflens.errors import DataError
 
 WORDS = [

@@ -15,13 +15,20 @@ import typer
 
 from preflens.commands import options as opt
 
-__all__ = ["register"]
+__all__ = ["run_ches", "register"]
+
+
+def run_ches(**kwargs: Any) -> dict[str, Any] | None:
+    """`preflens.diagnostics.ches_scan.run_ches` (imported on first use, so that listing the commands
+    stays fast)."""
+    from preflens.diagnostics import ches_scan
+
+    return ches_scan.run_ches(**kwargs)
 
 
 def __getattr__(name: str) -> Any:
-    """`run_ches` and `edit_similarity` lived here before the scan moved to the library: importing them
-    from here still works, without importing torch when the CLI only lists its commands."""
-    if name in ("run_ches", "edit_similarity", "top_indices"):
+    """Names that lived here before the scan moved to the library still import from here."""
+    if name in ("edit_similarity", "top_indices"):
         from preflens.diagnostics import ches_scan
 
         return getattr(ches_scan, name)
@@ -99,7 +106,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score pairs by CHES (Razin et al. 2024, arXiv 2410.08847, Sec. 5); optionally write the dataset
         minus the top-scoring fraction."""
-        from preflens.diagnostics.ches_scan import run_ches
         from preflens.training.runtime import make_accelerator
 
         summary = run_ches(

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="the same seed for every run"),
     ) -> None:
         """Train the same data and model under each loss (its own default hyper-parameters) and draw
-        their chosen/rejected log-prob trajectories side by side (seed 000, Fig. 1)."""
+        their chosen/rejected log-prob trajectories side by side (Yuan et al. 2024, arXiv 2410.13828,
+        Fig. 1)."""
         from preflens.compare import run_compare
 
         names = [x.strip() for x in losses.split(",") if x.strip()]

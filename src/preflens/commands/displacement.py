@@ -1,4 +1,5 @@
-"""`preflens displacement`: the single-token likelihood-displacement experiment (seed 003, Sec. 3).
+"""`preflens displacement`: the single-token likelihood-displacement experiment (Razin et al. 2024,
+arXiv 2410.08847, Sec. 3).
 
 DPO on one prompt whose preferred and dispreferred responses are single tokens ("Yes" vs "No"). The
 paper finds pi(y+|x) often *falls* while the margin grows, the mass going to tokens z with a large
@@ -17,6 +18,9 @@ already prefers y+).
 
 `--persona FILE` runs the experiment for every row (jsonl: prompt, chosen, rejected), restoring the
 model between rows, and reports the share of rows whose chosen probability decreased.
+
+The experiment is `preflens.diagnostics.displacement.run_displacement`; this command parses the flags,
+calls it and prints the result.
 """
 
 from __future__ import annotations
@@ -28,168 +32,29 @@ from typing import Any
 import typer
 
 from preflens.commands import options as opt
-from preflens.errors import DataError, PreflensError
 
-__all__ = ["run_displacement", "register", "single_token_id"]
+__all__ = ["run_displacement", "register"]
 
+# the library's defaults, repeated so that `preflens --help` does not import torch to show them
 DEFAULT_LR = 1e-6
 DEFAULT_STEPS = 30
 
 
-def single_token_id(tokenizer: Any, text: str, what: str) -> tuple[int, str | None]:
-    """The token id of `text` as a response (no special tokens) and a warning if it is not one token."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise PreflensError(f"{what} {text!r} encodes to no tokens")
-    warning = None
-    if len(ids) > 1:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        warning = (
-            f"{what} {text!r} is {len(ids)} tokens {pieces}; the single-token analysis uses the first, "
-            f"{pieces[0]!r} (pick a string that is one token, e.g. without a leading space)"
-        )
-    return int(ids[0]), warning
+def run_displacement(**kwargs: Any) -> dict[str, Any]:
+    """`preflens.diagnostics.displacement.run_displacement` (imported on first use, so that listing the
+    commands stays fast)."""
+    from preflens.diagnostics import displacement
+
+    return displacement.run_displacement(**kwargs)
 
 
-def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool | None):
-    """Prompt token ids [1, T]: the chat template with the assistant turn opened, if it has one."""
-    import torch
+def __getattr__(name: str) -> Any:
+    """Names that lived here before the experiment moved to the library still import from here."""
+    if name in ("single_token_id", "prompt_ids"):
+        from preflens.diagnostics import displacement
 
-    use_template = (
-        getattr(tokenizer, "chat_template", None) is not None if chat_template is None else chat_template
-    )
-    if use_template:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise PreflensError("--chat-template was given but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    return torch.tensor([ids], dtype=torch.long)
-
-
-def _result_dict(res: Any, prompt: str, chosen: str, rejected: str, warnings: list[str]) -> dict[str, Any]:
-    return {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "p_chosen_before": res.p_chosen[0],
-        "p_chosen_after": res.p_chosen[-1],
-        "p_rejected_before": res.p_rejected[0],
-        "p_rejected_after": res.p_rejected[-1],
-        "decrease": res.decrease,
-        "chosen_fell": res.chosen_fell,
-        "sign_agreement": res.sign_agreement,
-        "rank_correlation": res.rank_correlation,
-        "p_chosen_trajectory": res.p_chosen,
-        "p_rejected_trajectory": res.p_rejected,
-        "top_increase": [vars(t) for t in res.top_increase],
-        "warnings": warnings,
-    }
-
-
-def run_displacement(
-    *,
-    model: str | None,
-    prompt: str | None = None,
-    chosen: str | None = None,
-    rejected: str | None = None,
-    persona: Path | None = None,
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    beta: float = 0.1,
-    optimizer: str = "rmsprop",
-    mode: str = "model",
-    top_k: int = 10,
-    chat_template: bool | None = None,
-    limit: int | None = None,
-    device: str = "auto",
-    _model_obj: Any = None,
-) -> dict[str, Any]:
-    """The command's work, callable from Python; returns {"runs": [...], summary fields}."""
-    import torch
-
-    from preflens.diagnostics.displacement import single_token_dpo, snapshot
-
-    if persona is None:
-        if prompt is None or chosen is None or rejected is None:
-            raise PreflensError("give --prompt, --chosen and --rejected, or --persona FILE")
-        rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
-    else:
-        rows = _read_persona(Path(persona))
-        if limit is not None:
-            rows = rows[:limit]
-    if steps < 1:
-        raise PreflensError(f"--steps must be at least 1, got {steps}")
-
-    if _model_obj is not None:
-        lm, tok = _model_obj
-    else:
-        from preflens.commands.ches import _load_model
-
-        # float32: the displacement is a difference of small probabilities; a GPU if there is one
-        lm, tok = _load_model(model, "float32", device)
-    for p in lm.parameters():
-        p.requires_grad_(True)
-    start = snapshot(lm) if len(rows) > 1 and mode == "model" else None
-    runs = []
-    torch.manual_seed(0)
-    for i, row in enumerate(rows):
-        if start is not None and i > 0:
-            lm.load_state_dict(start)
-        warnings = []
-        yp, w1 = single_token_id(tok, row["chosen"], "chosen")
-        ym, w2 = single_token_id(tok, row["rejected"], "rejected")
-        warnings += [w for w in (w1, w2) if w]
-        ids = prompt_ids(tok, row["prompt"], chat_template).to(next(lm.parameters()).device)
-        res = single_token_dpo(
-            lm,
-            ids,
-            yp,
-            ym,
-            steps=steps,
-            lr=lr,
-            beta=beta,
-            optimizer=optimizer,
-            mode=mode,
-            top_k=top_k,
-            tokenizer=tok,
-        )
-        runs.append(_result_dict(res, row["prompt"], row["chosen"], row["rejected"], warnings))
-    if start is not None:
-        lm.load_state_dict(start)
-    n = len(runs)
-    return {
-        "runs": runs,
-        "settings": {"steps": steps, "lr": lr, "beta": beta, "optimizer": optimizer, "mode": mode},
-        "frac_chosen_fell": sum(r["chosen_fell"] for r in runs) / n,
-        "mean_decrease": sum(r["decrease"] for r in runs) / n,
-        "mean_sign_agreement": sum(r["sign_agreement"] for r in runs) / n,
-    }
-
-
-def _read_persona(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{ln}: not a JSON object ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{ln}: expected a JSON object with prompt/chosen/rejected")
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise DataError(f"{path}:{ln}: field {key!r} must be a non-empty string")
-        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+        return getattr(displacement, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _p(x: float) -> str:
@@ -283,7 +148,8 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(None, "--output", "-o", help="also write the full result as JSON"),
         device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one) | cpu | cuda[:N]"),
     ) -> None:
-        """Single-token likelihood displacement (seed 003): does DPO lower the preferred token?"""
+        """Single-token likelihood displacement (Razin et al. 2024, arXiv 2410.08847, Sec. 3): does DPO
+        lower the preferred token?"""
         result = run_displacement(
             model=model,
             prompt=prompt,

@@ -31,11 +31,12 @@ def register(app: typer.Typer) -> None:
             0.0, "--mask-rate", help="grid: fraction of responses hidden from the pairs"
         ),
     ) -> None:
-        """Write synthetic preference data (deterministic by seed, offline).
+        """Write synthetic preference data (reproducible, offline).
 
-        sentiment: review openings with a positive chosen and a negative rejected continuation; --shared-tokens
-        sets how many words the two share (gradient entanglement). persona: single-token yes/no answers
-        (likelihood displacement). grid: the 20x20 utility grid of Gradient Imbalance in DPO (JSON).
+        The same --seed gives the same data. sentiment: review openings with a positive chosen and a
+        negative rejected continuation; --shared-tokens sets how many words the two share (gradient
+        entanglement). persona: single-token yes/no answers (likelihood displacement). grid: the 20x20
+        utility grid of Ma et al. 2025, arXiv 2502.20847 (JSON).
         """
         from preflens.data import synthetic
         from preflens.data.formats import load_pairs, write_pairs

@@ -1,8 +1,8 @@
-"""CHES: the centered hidden embedding similarity of a preference pair (seed 003).
+"""CHES: the centered hidden embedding similarity of a preference pair (Razin et al. 2024).
 
-Source: Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Preference
+Source: Razin et al. 2024, "Unintentional Unalignment: Likelihood Displacement in Direct Preference
 Optimization" (arXiv 2410.08847), Sec. 5 (Definition of the CHES score, Eq. (4) in the arXiv v1
-numbering; "CHES_x(y+, y-)" in the talk of seed 003):
+numbering, written CHES_x(y+, y-)):
 
     CHES_x(y+, y-) = < sum_k h_{x, y+_{<k}}, sum_k' h_{x, y-_{<k'}} > - || sum_k h_{x, y+_{<k}} ||^2
 
@@ -106,7 +106,7 @@ def response_hidden_sums(
     """(sum of h over the response-predicting positions [N, d] in float32, their count [N]).
 
     One backbone forward over the N rows. Row s sums h[s, t-1] over every t with
-    response_mask[s, t] (seed 003's sum_k h_{x, y_{<k}}); accumulation is in float32 whatever the
+    response_mask[s, t] (the paper's sum_k h_{x, y_{<k}}); accumulation is in float32 whatever the
     model's dtype, so bf16 models give stable scores.
     """
     _validate(input_ids, attention_mask, response_mask, "batch")
@@ -137,7 +137,8 @@ def ches_from_sums(
     n_rejected: Tensor,
     length_normalized: bool = False,
 ) -> Tensor:
-    """CHES from the summed hidden states of each side (seed 003, Sec. 5's definition).
+    """CHES from the summed hidden states of each side (Razin et al. 2024, arXiv 2410.08847, Sec. 5's
+    definition).
 
     CHES = <s+, s-> - |s+|^2 with s = sum of h; length-normalized: s+ / n+ and s- / n- first.
     """
@@ -163,7 +164,8 @@ def ches_score(
     rejected_response_mask: Tensor,
     length_normalized: bool = False,
 ) -> Tensor:
-    """CHES score of B preference pairs, [B] float32 (DESIGN.md's contract; seed 003 Sec. 5).
+    """CHES score of B preference pairs, [B] float32 (DESIGN.md's contract; Razin et al. 2024,
+    arXiv 2410.08847, Sec. 5).
 
     Forward-only: chosen and rejected rows are padded to one width and go through the model's
     backbone in a single forward (no lm_head, no gradients). `length_normalized` divides each side's

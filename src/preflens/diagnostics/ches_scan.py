@@ -32,11 +32,11 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from preflens import models  # models.load_model looked up per call: tests substitute the loader
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import DATA_SUFFIXES, load_pairs, write_pairs
 from preflens.diagnostics.ches import ches_from_sums, response_hidden_sums
 from preflens.errors import PreflensError, RunDirError
-from preflens.models import load_model
 
 __all__ = ["run_ches", "edit_similarity", "top_indices", "SCHEMA_VERSION"]
 
@@ -459,7 +459,9 @@ def run_ches(
     parts = _parts_dir(output)
     if plan["todo"]:
         lm, tok = (
-            _model_obj if _model_obj is not None else load_model(model, dtype=dtype, device=str(acc.device))
+            _model_obj
+            if _model_obj is not None
+            else models.load_model(model, dtype=dtype, device=str(acc.device))
         )
         lm.eval()
         lm.to(acc.device)

@@ -1,7 +1,7 @@
-"""Likelihood displacement: the single-token experiment and its traces in training runs (seed 003).
+"""Likelihood displacement: the single-token experiment and its traces in training runs.
 
-Source: Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Preference
-Optimization" (arXiv 2410.08847); the talk of seed 003.
+Source: Razin et al. 2024, "Unintentional Unalignment: Likelihood Displacement in Direct Preference
+Optimization" (arXiv 2410.08847).
 
 - Sec. 3 (the simplest setting): DPO on one prompt with single-token responses y+, y- (Persona
   statements, "Yes"/"No"-like tokens). The chosen probability pi(y+|x) often *falls*, and the mass goes
@@ -16,7 +16,8 @@ Optimization" (arXiv 2410.08847); the talk of seed 003.
   cancel), so a gradient step moves h by eta c (W_y+ - W_y-) and leaves W_z untouched for z not in
   {y+, y-}; the logit of z then moves by eta c <W_z, W_y+ - W_y->. (Training only W would leave every
   other logit where it is: the geometry acts through the hidden embedding.) `unembedding_prediction`
-  returns <W_z, W_y+ - W_y-> for every z.
+  returns <W_z, W_y+ - W_y-> for every z; `run_displacement` runs the experiment for one prompt or a
+  file of persona statements (`preflens displacement`).
 
 In training runs (`preflens train` writes `pairs.parquet`, ARCHITECTURE.md), `chosen_change_table`
 compares each pair's first and last evaluation, and `ches_vs_change` joins that with `preflens ches`
@@ -26,15 +27,22 @@ scores: the paper's Sec. 5 claim is that the CHES score orders the chosen log-pr
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from preflens.errors import PreflensError
+from preflens import models  # models.load_model looked up per call: tests substitute the loader
+from preflens.errors import DataError, PreflensError
+from preflens.logprobs import split_pairs
+from preflens.losses import get_loss
+from preflens.tracking import CONFIG_FILE, PAIRS_FILE, read_config
 
 __all__ = [
     "fell_tolerance",
@@ -47,7 +55,18 @@ __all__ = [
     "chosen_change_table",
     "ches_vs_change",
     "ChesVsChange",
+    "run_displacement",
+    "single_token_id",
+    "prompt_ids",
+    "read_persona",
+    "DEFAULT_LR",
+    "DEFAULT_STEPS",
 ]
+
+# `preflens displacement`'s defaults (the paper's are lr 1e-7 and 100 steps, meant for a post-SFT model):
+# a run on the embedded SmolLM2-135M-Instruct is short and moves visibly.
+DEFAULT_LR = 1e-6
+DEFAULT_STEPS = 30
 
 
 def max_decrease(traj: Sequence[float]) -> float:
@@ -63,7 +82,8 @@ def max_decrease(traj: Sequence[float]) -> float:
 
 
 def unembedding_prediction(unembedding: Tensor, chosen_id: int, rejected_id: int) -> Tensor:
-    """<W_z, W_y+ - W_y-> for every token z, [V] float32 (seed 003, Sec. 4's single-token theorem)."""
+    """<W_z, W_y+ - W_y-> for every token z, [V] float32 (Razin et al. 2024, Sec. 4's single-token
+    theorem)."""
     w = unembedding.detach().float()
     return w @ (w[chosen_id] - w[rejected_id])
 
@@ -159,7 +179,8 @@ def single_token_dpo(
     top_k: int = 10,
     tokenizer=None,
 ) -> SingleTokenResult:
-    """Train DPO on one prompt with single-token y+ and y-; report the displacement (seed 003, Sec. 3).
+    """Train DPO on one prompt with single-token y+ and y-; report the displacement (Razin et al. 2024,
+    arXiv 2410.08847, Sec. 3).
 
     `mode="model"` trains the model's trainable parameters in place (the paper's setting; defaults are
     its reference values: RMSprop, lr 1e-7, 100 full-batch steps, beta 0.1, meant for a post-SFT model).
@@ -167,8 +188,6 @@ def single_token_dpo(
     theorem's unconstrained-features model, Sec. 4), leaving the model untouched.
     The reference log-probs are the model's before training (DPO's pi_ref = the initial policy).
     """
-    from preflens.losses import PairLogps, get_loss
-
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
     head = model.get_output_embeddings()
@@ -216,13 +235,9 @@ def single_token_dpo(
         logp = torch.log_softmax(logits_fn(), -1)
         p_c.append(float(logp[chosen_id].detach().exp()))
         p_r.append(float(logp[rejected_id].detach().exp()))
-        pair = PairLogps(
-            chosen=logp[chosen_id].view(1),
-            rejected=logp[rejected_id].view(1),
-            ref_chosen=ref_c,
-            ref_rejected=ref_r,
-            chosen_len=torch.ones(1, device=logp.device),
-            rejected_len=torch.ones(1, device=logp.device),
+        # one pair of one-token responses: row 0 chosen, row 1 rejected
+        pair = split_pairs(
+            logp[[chosen_id, rejected_id]], torch.ones(2, device=logp.device), ref=(ref_c, ref_r)
         )
         loss = loss_fn(pair).mean()
         opt.zero_grad(set_to_none=True)
@@ -282,10 +297,8 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
 _PAIRS_COLUMNS = ("step", "split", "pair_id", "chosen", "rejected")
 
 
-def _read_pairs(run_dir: str | Path):
-    import pandas as pd
-
-    path = Path(run_dir) / "pairs.parquet"
+def _read_pairs(run_dir: str | Path) -> pd.DataFrame:
+    path = Path(run_dir) / PAIRS_FILE
     if not path.exists():
         raise PreflensError(
             f"{path}: not found; `preflens train` writes per-pair log-probs there at each evaluation"
@@ -310,16 +323,14 @@ def fell_tolerance(dtype: str | None, mixed_precision: str | None) -> float:
 
 def run_fell_tolerance(run_dir: str | Path) -> float:
     """`fell_tolerance` for a finished run, from the precision its config.yaml records (float32 if none)."""
-    from preflens.tracking import read_config
-
     run_dir = Path(run_dir)
-    cfg: dict = read_config(run_dir) if (run_dir / "config.yaml").is_file() else {}
+    cfg: dict = read_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else {}
     return fell_tolerance(cfg.get("dtype"), cfg.get("mixed_precision"))
 
 
 def chosen_change_table(run_dir: str | Path, split: str | None = None, fell_tol: float | None = None):
     """Per pair: chosen/rejected log-probs at its first and last evaluation, the change, and whether
-    the chosen log-prob fell (likelihood displacement, seed 003 Sec. 1).
+    the chosen log-prob fell (likelihood displacement, Razin et al. 2024, arXiv 2410.08847, Sec. 1).
 
     "Fell" means by more than `fell_tol` nats: re-scoring noise is not displacement. None takes the
     trainer's threshold for the run's precision (`fell_tolerance`, read from its
@@ -333,7 +344,7 @@ def chosen_change_table(run_dir: str | Path, split: str | None = None, fell_tol:
     if split is not None:
         df = df[df["split"] == split]
         if df.empty:
-            raise PreflensError(f"{Path(run_dir) / 'pairs.parquet'}: no rows with split == {split!r}")
+            raise PreflensError(f"{Path(run_dir) / PAIRS_FILE}: no rows with split == {split!r}")
     df = df.sort_values(["split", "pair_id", "step"], kind="stable")
     g = df.groupby(["split", "pair_id"], sort=True)
     first, last = g.first(), g.last()
@@ -379,13 +390,12 @@ class ChesVsChange:
 def ches_vs_change(
     scores_parquet: str | Path, run_dir: str | Path, split: str | None = "train"
 ) -> ChesVsChange:
-    """Join `preflens ches` scores with a run's per-pair chosen change (seed 003, Sec. 5's Fig. on
-    UltraFeedback: the chosen log-prob change is ordered by CHES percentile, not by edit distance).
+    """Join `preflens ches` scores with a run's per-pair chosen change (Razin et al. 2024, arXiv
+    2410.08847, Sec. 5's figure on UltraFeedback: the chosen log-prob change is ordered by CHES
+    percentile, not by edit distance).
 
     Pairs are matched on the dataset row id (`pair_index` in the scores, `pair_id` in pairs.parquet).
     """
-    import pandas as pd
-
     if not Path(scores_parquet).is_file():
         raise PreflensError(
             f"{scores_parquet}: no such file; score the training data first: "
@@ -402,7 +412,7 @@ def ches_vs_change(
     table = scores.merge(change, left_on="pair_index", right_on="pair_id", how="inner")
     if table.empty:
         raise PreflensError(
-            f"no pair of {scores_parquet} matches a pair_id of {Path(run_dir) / 'pairs.parquet'}; "
+            f"no pair of {scores_parquet} matches a pair_id of {Path(run_dir) / PAIRS_FILE}; "
             "score the dataset the run trained on"
         )
 
@@ -428,3 +438,159 @@ def ches_vs_change(
         spearman_edit=rho("edit_similarity") if "edit_similarity" in table.columns else None,
         by_quartile=by_q,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-token experiment on one prompt or a file of statements (`preflens displacement`)
+# ---------------------------------------------------------------------------------------------
+
+
+def single_token_id(tokenizer: Any, text: str, what: str) -> tuple[int, str | None]:
+    """The token id of `text` as a response (no special tokens) and a warning if it is not one token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise PreflensError(f"{what} {text!r} encodes to no tokens")
+    warning = None
+    if len(ids) > 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        warning = (
+            f"{what} {text!r} is {len(ids)} tokens {pieces}; the single-token analysis uses the first, "
+            f"{pieces[0]!r} (pick a string that is one token, e.g. without a leading space)"
+        )
+    return int(ids[0]), warning
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool | None) -> Tensor:
+    """Prompt token ids [1, T]: the chat template with the assistant turn opened, if it has one."""
+    use_template = (
+        getattr(tokenizer, "chat_template", None) is not None if chat_template is None else chat_template
+    )
+    if use_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise PreflensError("--chat-template was given but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _result_dict(res: Any, prompt: str, chosen: str, rejected: str, warnings: list[str]) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "p_chosen_before": res.p_chosen[0],
+        "p_chosen_after": res.p_chosen[-1],
+        "p_rejected_before": res.p_rejected[0],
+        "p_rejected_after": res.p_rejected[-1],
+        "decrease": res.decrease,
+        "chosen_fell": res.chosen_fell,
+        "sign_agreement": res.sign_agreement,
+        "rank_correlation": res.rank_correlation,
+        "p_chosen_trajectory": res.p_chosen,
+        "p_rejected_trajectory": res.p_rejected,
+        "top_increase": [vars(t) for t in res.top_increase],
+        "warnings": warnings,
+    }
+
+
+def run_displacement(
+    *,
+    model: str | None,
+    prompt: str | None = None,
+    chosen: str | None = None,
+    rejected: str | None = None,
+    persona: Path | None = None,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    beta: float = 0.1,
+    optimizer: str = "rmsprop",
+    mode: str = "model",
+    top_k: int = 10,
+    chat_template: bool | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    _model_obj: Any = None,
+) -> dict[str, Any]:
+    """`preflens displacement`'s work, callable from Python: DPO on each prompt with single-token y+, y-
+    (`single_token_dpo`), the model restored between rows. Returns {"runs": [...], summary fields}.
+    `_model_obj` = (model, tokenizer) already loaded instead of `model`."""
+    if persona is None:
+        if prompt is None or chosen is None or rejected is None:
+            raise PreflensError("give --prompt, --chosen and --rejected, or --persona FILE")
+        rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    else:
+        rows = read_persona(Path(persona))
+        if limit is not None:
+            rows = rows[:limit]
+    if steps < 1:
+        raise PreflensError(f"--steps must be at least 1, got {steps}")
+
+    if _model_obj is not None:
+        lm, tok = _model_obj
+    else:
+        # float32: the displacement is a difference of small probabilities; a GPU if there is one
+        lm, tok = models.load_model(model, dtype="float32", device=str(device))
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    start = snapshot(lm) if len(rows) > 1 and mode == "model" else None
+    runs = []
+    torch.manual_seed(0)
+    for i, row in enumerate(rows):
+        if start is not None and i > 0:
+            lm.load_state_dict(start)
+        warnings = []
+        yp, w1 = single_token_id(tok, row["chosen"], "chosen")
+        ym, w2 = single_token_id(tok, row["rejected"], "rejected")
+        warnings += [w for w in (w1, w2) if w]
+        ids = prompt_ids(tok, row["prompt"], chat_template).to(next(lm.parameters()).device)
+        res = single_token_dpo(
+            lm,
+            ids,
+            yp,
+            ym,
+            steps=steps,
+            lr=lr,
+            beta=beta,
+            optimizer=optimizer,
+            mode=mode,
+            top_k=top_k,
+            tokenizer=tok,
+        )
+        runs.append(_result_dict(res, row["prompt"], row["chosen"], row["rejected"], warnings))
+    if start is not None:
+        lm.load_state_dict(start)
+    n = len(runs)
+    return {
+        "runs": runs,
+        "settings": {"steps": steps, "lr": lr, "beta": beta, "optimizer": optimizer, "mode": mode},
+        "frac_chosen_fell": sum(r["chosen_fell"] for r in runs) / n,
+        "mean_decrease": sum(r["decrease"] for r in runs) / n,
+        "mean_sign_agreement": sum(r["sign_agreement"] for r in runs) / n,
+    }
+
+
+def read_persona(path: Path) -> list[dict[str, str]]:
+    """The rows of a persona-statements jsonl (prompt, chosen, rejected: non-empty strings each)."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    for ln, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{ln}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{ln}: expected a JSON object with prompt/chosen/rejected")
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise DataError(f"{path}:{ln}: field {key!r} must be a non-empty string")
+        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
