@@ -192,8 +192,8 @@ def test_ches_vs_change_on_a_real_training_run(tmp_path):
     join matches every train-subset pair (pair ids are the dataset rows in both)."""
     import json
 
-    from preflens.diagnostics.ches_scan import run_ches
     from preflens.data.synthetic import sentiment_pairs
+    from preflens.diagnostics.ches_scan import run_ches
     from preflens.models import tiny_model
     from preflens.train import TrainConfig, train
 
