@@ -165,6 +165,39 @@ def _last_hidden(model: nn.Module, prompt_ids: Tensor) -> Tensor:
     return out.hidden_states[-1][0, -1]
 
 
+def _prediction_agreement(
+    pred: Tensor, change: Tensor, chosen_id: int, rejected_id: int
+) -> tuple[float, float]:
+    """(sign agreement, Spearman) of the geometric prediction with the observed log-prob change over the
+    tokens z not in {y+, y-}; both centred first, which removes the normaliser's change shared by all."""
+    others = torch.ones(pred.shape[0], dtype=torch.bool)
+    others[[chosen_id, rejected_id]] = False
+    c_obs = change[others] - change[others].mean()
+    c_pred = pred[others] - pred[others].mean()
+    agree = float(((c_obs > 0) == (c_pred > 0)).float().mean())
+    return agree, _spearman(pred[others], change[others])
+
+
+def _top_increase(
+    logp0: Tensor, logp1: Tensor, pred: Tensor, top_k: int, tokenizer: Any
+) -> list[TokenChange]:
+    """The `top_k` tokens whose probability rose the most, with the prediction beside each."""
+    p0, p1 = logp0.exp(), logp1.exp()
+    change = (logp1 - logp0).double()
+    top = torch.topk(p1 - p0, min(top_k, p0.shape[0])).indices.tolist()
+    return [
+        TokenChange(
+            token_id=t,
+            token=tokenizer.convert_ids_to_tokens(t) if tokenizer is not None else str(t),
+            p_before=float(p0[t]),
+            p_after=float(p1[t]),
+            logp_change=float(change[t]),
+            prediction=float(pred[t]),
+        )
+        for t in top
+    ]
+
+
 def single_token_dpo(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -251,27 +284,8 @@ def single_token_dpo(
     model.train(was_training)
 
     pred = unembedding_prediction(w0, chosen_id, rejected_id).double()
-    change = (logp1 - logp0).double()
-    others = torch.ones(vocab, dtype=torch.bool)
-    others[[chosen_id, rejected_id]] = False
-    c_obs = change[others] - change[others].mean()
-    c_pred = pred[others] - pred[others].mean()
-    agree = float(((c_obs > 0) == (c_pred > 0)).float().mean())
-    rho = _spearman(pred[others], change[others])
-
-    p0, p1 = logp0.exp(), logp1.exp()
-    top = torch.topk(p1 - p0, min(top_k, vocab)).indices.tolist()
-    top_changes = [
-        TokenChange(
-            token_id=t,
-            token=tokenizer.convert_ids_to_tokens(t) if tokenizer is not None else str(t),
-            p_before=float(p0[t]),
-            p_after=float(p1[t]),
-            logp_change=float(change[t]),
-            prediction=float(pred[t]),
-        )
-        for t in top
-    ]
+    agree, rho = _prediction_agreement(pred, (logp1 - logp0).double(), chosen_id, rejected_id)
+    top_changes = _top_increase(logp0, logp1, pred, top_k, tokenizer)
     return SingleTokenResult(
         chosen_id=chosen_id,
         rejected_id=rejected_id,
