@@ -310,7 +310,7 @@ class PairDataset(_torch_dataset_base()):  # type: ignore[misc]
         return [it.length for it in self.items]
 
 
-class _Epoch:
+class EpochCounter:
     """The epoch counter, reachable as `batch_sampler.sampler.set_epoch` - where accelerate's DataLoaderShard
     looks for it once it has wrapped a batch sampler for several processes (BatchSamplerShard)."""
 
@@ -350,7 +350,7 @@ class LengthGroupedBatchSampler:
         self.seed = seed
         self.mega_batch_mult = max(1, mega_batch_mult)
         self.drop_last = drop_last
-        self.sampler = _Epoch()
+        self.sampler = EpochCounter()
 
     @property
     def epoch(self) -> int:

@@ -15,15 +15,16 @@ reads it like a `preflens train` run):
   split "eval" rows, `learning_rate` becomes `lr`) and one "probe" row per probe;
 - `pairs.parquet`: per-pair chosen/rejected summed log-probs of a *fixed* probe set (the first
   `probe_pairs` rows of the eval dataset, else of the train dataset) at step 0 and every
-  `probe_every` steps, with the reference log-probs: likelihood displacement per pair (seed 003);
-- `probes.parquet`: per probed pair and step, the gradient-entanglement statistics of seed 000
-  (Yuan et al., arXiv 2410.13828, Sec. 3): <g_w, g_l>, |g_w|, |g_l|, cosine, the loss's margin weights
+  `probe_every` steps, with the reference log-probs: likelihood displacement per pair (Razin et al.
+  2024, arXiv 2410.08847);
+- `probes.parquet`: per probed pair and step, the gradient-entanglement statistics of Yuan et al.
+  2024 (arXiv 2410.13828, Sec. 3): <g_w, g_l>, |g_w|, |g_l|, cosine, the loss's margin weights
   d_w = -dl/d chosen and d_l = dl/d rejected, the first-order predicted changes
   eta (d_w |g_w|^2 - d_l <g_w,g_l>) and eta (d_w <g_w,g_l> - d_l |g_l|^2), which of condition 1
   (chosen rises) and condition 2 (rejected falls) they violate, and the changes observed at the next
   probe, so the prediction can be checked.
 
-The measurement is `preflens.probes.ProbeRunner`, the same one `preflens train --probe-every` uses
+The measurement is `preflens.diagnostics.probe_state.ProbeRunner`, the same one `preflens train --probe-every` uses
 (one `sequence_gram` forward + activation-only backward over the probe set, eval mode, the model's
 gradients and mode untouched), so the columns and their meaning are identical in both kinds of run:
 a row at step s holds the change observed since the previous probe (`obs_delta_*`) beside what that
@@ -38,11 +39,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from preflens.diagnostics.displacement import fell_tolerance
+from preflens.diagnostics.probe_state import ProbeHistory, ProbeRunner
 from preflens.errors import PreflensError
+from preflens.logprobs import sequence_logps
+from preflens.losses import get_loss
+from preflens.tracking import METRICS_FILE, PAIRS_FILE, PROBES_FILE
 
 __all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS"]
 
@@ -74,8 +81,6 @@ class PreflensCallback(TrainerCallback):
         output_dir: str | Path | None = None,
         loss: str | None = None,
     ) -> None:
-        from preflens.losses import get_loss
-
         self.trainer = trainer
         self.args = trainer.args
         self.out = Path(output_dir if output_dir is not None else self.args.output_dir)
@@ -101,7 +106,7 @@ class PreflensCallback(TrainerCallback):
         self.last_step: int | None = None
         self.probe_rows: list[dict[str, Any]] = []
         self.pair_rows: list[dict[str, Any]] = []
-        self._restored: dict[str, Any] | None = None
+        self._restored: ProbeHistory | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -145,8 +150,6 @@ class PreflensCallback(TrainerCallback):
         }, list(range(n))
 
     def _logps(self, model: nn.Module) -> Tensor:
-        from preflens.logprobs import sequence_logps
-
         dev = next(model.parameters()).device
         b = {k: v.to(dev) for k, v in self.batch.items()}
         with torch.no_grad():
@@ -163,8 +166,6 @@ class PreflensCallback(TrainerCallback):
     ) -> None:
         model = model if model is not None else self.trainer.model
         resumed = int(state.global_step) > 0
-        from preflens.diagnostics.displacement import fell_tolerance
-
         # the threshold preflens's own trainer uses for "chosen fell" in this precision
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         mixed = "bf16" if (getattr(args, "bf16", False) or getattr(args, "fp16", False)) else "no"
@@ -179,7 +180,7 @@ class PreflensCallback(TrainerCallback):
             self._resume_files(int(state.global_step), main=state.is_world_process_zero)
         elif state.is_world_process_zero:
             # TRL reuses output_dir: a new run's rows must not be appended to an earlier run's
-            for name in ("metrics.jsonl", "pairs.parquet", "probes.parquet"):
+            for name in (METRICS_FILE, PAIRS_FILE, PROBES_FILE):
                 (self.out / name).unlink(missing_ok=True)
         if self.ref is None:
             lp = self._reference_logps(model)
@@ -230,9 +231,7 @@ class PreflensCallback(TrainerCallback):
         back, so pairs.parquet keeps the earlier probes, the reference is the one of step 0 (the resumed
         policy is not the reference) and the first observed change compares with the last probe.
         """
-        import pandas as pd
-
-        metrics = self.out / "metrics.jsonl"
+        metrics = self.out / METRICS_FILE
         if metrics.is_file() and main:
             kept = [
                 line
@@ -240,7 +239,7 @@ class PreflensCallback(TrainerCallback):
                 if line.strip() and int(json.loads(line).get("step", 0)) <= step
             ]
             metrics.write_text("".join(line + "\n" for line in kept))
-        pairs_file, probes_file = self.out / "pairs.parquet", self.out / "probes.parquet"
+        pairs_file, probes_file = self.out / PAIRS_FILE, self.out / PROBES_FILE
         if not pairs_file.is_file():
             return
         pairs = pd.read_parquet(pairs_file)
@@ -262,21 +261,9 @@ class PreflensCallback(TrainerCallback):
         if probes.empty:
             return
         self.probe_rows = probes.to_dict("records")
-        last = probes[probes["step"] == probes["step"].max()].set_index("pair_id").loc[self.pair_ids]
-
-        def col(frame: Any, name: str) -> Tensor:
-            return torch.tensor(frame[name].to_numpy(), dtype=torch.float32)
-
-        self._restored = {
-            "first": (col(first, "chosen"), col(first, "rejected")),
-            "prev": {
-                "step": int(probes["step"].max()),
-                "chosen": col(last, "chosen"),
-                "rejected": col(last, "rejected"),
-                "pred_c": col(last, "batch_pred_delta_chosen"),
-                "pred_r": col(last, "batch_pred_delta_rejected"),
-            },
-        }
+        self._restored = ProbeHistory.from_rows(
+            self.probe_rows, [(self.probe_split, pid) for pid in self.pair_ids]
+        )
 
     def on_step_end(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
@@ -366,20 +353,18 @@ class PreflensCallback(TrainerCallback):
             self._write_parquets()
 
     def _entanglement_probe(self, model: nn.Module, step: int, lr: float) -> tuple[list[dict], dict]:
-        from preflens.probes import ProbeRunner
-
         if self.runner is None or self.runner.model is not model:
             # (re)built when the trainer hands a different model object (e.g. after wrapping);
             # the first and previous measurements carry over so observed changes stay continuous
             dev = next(model.parameters()).device
             batch = {k: v.to(dev) for k, v in self.batch.items()}
             ref = (self.ref[0].to(dev), self.ref[1].to(dev)) if self.ref is not None else None
-            prev = None if self.runner is None else (self.runner.first, self.runner.prev)
+            old = self.runner
             self.runner = ProbeRunner(model, batch, self.loss_fn, ref=ref, fell_tol=self.fell_tol)
-            if prev is not None:
-                self.runner.first, self.runner.prev = prev
+            if old is not None:
+                self.runner.first, self.runner.prev = old.first, old.prev
             elif self._restored is not None:  # a resumed run: the probes written before the checkpoint
-                self.runner.first, self.runner.prev = self._restored["first"], self._restored["prev"]
+                self.runner.restore(self._restored)
         with _keep_grads(model):
             return self.runner.run(step, lr=lr)
 
@@ -387,16 +372,14 @@ class PreflensCallback(TrainerCallback):
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "metrics.jsonl").open("a") as f:
+        with (self.out / METRICS_FILE).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _write_parquets(self) -> None:
-        import pandas as pd
-
         # small tables, rewritten whole at each probe so a crashed run still has its last probe
-        pd.DataFrame(self.pair_rows).to_parquet(self.out / "pairs.parquet", index=False)
+        pd.DataFrame(self.pair_rows).to_parquet(self.out / PAIRS_FILE, index=False)
         if self.probe_rows:
-            pd.DataFrame(self.probe_rows).to_parquet(self.out / "probes.parquet", index=False)
+            pd.DataFrame(self.probe_rows).to_parquet(self.out / PROBES_FILE, index=False)
 
 
 def _has_rows(ds: Any) -> bool:
