@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from preflens.diagnostics.reward_std import PromptRow
+from preflens.data.prompts import PromptRow
 from preflens.rewards import ExactMatch
-from preflens.rft import RFTConfig, train_rft
+from preflens.training.rft import RFTConfig, train_rft
 
 GROUPS = ("wrong", "unsure", "right")
 

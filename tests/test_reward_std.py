@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from _say_word import make_tiny
+from preflens.data.prompts import PromptRow, encode_prompt, load_prompts
 from preflens.diagnostics.reward_std import (
-    PromptRow,
-    encode_prompt,
     exact_reward_std,
-    load_prompts,
     policy_gradient_norms,
     reward_std_diagnostic,
     rloo_weights,

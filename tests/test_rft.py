@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from _say_word import make_tiny
-from preflens.diagnostics.reward_std import PromptRow
+from preflens.data.prompts import PromptRow
 from preflens.errors import PreflensError, RunDirError
 from preflens.rewards import Reward, RewardError, get_reward
-from preflens.rft import RFTConfig, latest_checkpoint, train_rft
+from preflens.training.rft import RFTConfig, RFTRun, latest_checkpoint, train_rft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,3 +335,37 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_matches_the_uninterrupted_r
     ]
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_old_import_paths_are_the_new_objects():
+    """`preflens.rft` and the prompts names of `preflens.diagnostics.reward_std` are re-exports."""
+    import preflens.data.prompts as prompts
+    import preflens.diagnostics.reward_std as reward_std
+    import preflens.rft as old
+    import preflens.training.rft as new
+
+    for name in ("RFTConfig", "train_rft", "prepare_run_dir", "latest_checkpoint", "REFERENCE_FILE"):
+        assert getattr(old, name) is getattr(new, name), name
+    for name in ("PromptRow", "load_prompts", "encode_prompt"):
+        assert getattr(reward_std, name) is getattr(prompts, name), name
+
+
+def test_ctrl_c_during_the_update_keeps_the_last_checkpoint(tmp_path):
+    """Ctrl-C once the optimizer has started writing the parameters cannot be rewound: no checkpoint is
+    written for the half-updated step: the last saved one (here: none) stays the resume point."""
+    cfg = RFTConfig(steps=4, save_every=0, k=4, prompts_per_step=2, lr=1e-2, max_new_tokens=3)
+    model, tok = make_tiny()
+    run = RFTRun(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "run")
+    calls = [0]
+
+    def ctrl_c_at_step_3(*_):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    run.opt_rft.optimizer.register_step_pre_hook(ctrl_c_at_step_3)  # after the step guard's own hook
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert run.guard.updating
+    assert latest_checkpoint(tmp_path / "run") is None  # a rewound step would have saved step-2
+    assert [r["step"] for r in _metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2]

@@ -1,8 +1,8 @@
 """Reward functions for reinforcement finetuning and the reward-std diagnostic.
 
-Why this module exists: the vanishing-gradients diagnostic (seed 003, Razin et al., ICLR 2024) and
-the RFT loop need a reward r(x, y) for each sampled completion y of a prompt x. Rewards come from
-very different places (string matching, a local reward model, a user's own Python function), so
+Why this module exists: the vanishing-gradients diagnostic (Razin et al. 2024, arXiv 2310.20703,
+ICLR 2024) and the RFT loop need a reward r(x, y) for each sampled completion y of a prompt x. Rewards
+come from very different places (string matching, a local reward model, a user's own Python function), so
 they share one small interface:
 
     reward(prompts, completions, *, references=None) -> list[float]
@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from preflens.errors import PreflensError
 
@@ -236,8 +238,7 @@ class ModelReward(Reward):
     ) -> None:
         if not Path(path).exists():
             raise PreflensError(f"reward model:{path}: no such local directory (only local paths are loaded)")
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # only model: rewards
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -255,8 +256,6 @@ class ModelReward(Reward):
         self.name = f"model:{path}"
 
     def __call__(self, prompts, completions, *, references=None) -> list[float]:
-        import torch
-
         texts = [p + c for p, c in zip(prompts, completions)]
         out: list[float] = []
         with torch.no_grad():

@@ -1,8 +1,10 @@
-"""`preflens rft`: policy-gradient finetuning (RLOO) that tracks per-prompt reward std (seed 003).
+"""`preflens rft`: policy-gradient finetuning (RLOO) that tracks per-prompt reward std (vanishing
+gradients; Razin et al. 2024, arXiv 2310.20703).
 
 `--initial-sft N` runs N SFT steps on the prompts' `reference` completions (a `--sft-fraction` of
-them) first, the talk's remedy for vanishing gradients; the summary reports the small-std fraction
-before and after it.
+them) first, the paper's remedy for vanishing gradients; the summary reports the small-std fraction
+before and after it. The work is `preflens.training.rft.rft_from_files`; this module is flags -> that
+call -> a few printed lines.
 """
 
 from __future__ import annotations
@@ -59,46 +61,22 @@ def run_rft(
     **cfg: Any,
 ) -> dict[str, Any]:
     """The command's work, callable from Python: `cfg` holds `RFTConfig` fields; the `*_field`
-    names pick the prompts file's columns (`load_prompts`)."""
-    from preflens.diagnostics.reward_std import load_prompts
-    from preflens.rewards import get_reward
-    from preflens.rft import RFTConfig, prepare_run_dir, train_rft
+    names pick the prompts file's columns (`load_prompts`); see `preflens.training.rft.rft_from_files`."""
+    from preflens.training.rft import RFTConfig, rft_from_files
 
-    config = RFTConfig(**cfg)
-    rew = get_reward(reward)
-    rows = load_prompts(
-        prompts,
-        need_reference=rew.needs_reference,
-        prompt_field=prompt_field,
-        reference_field=reference_field,
-    )
-    # check the run dir before loading a model (fail fast); train_rft re-checks it
-    out = Path(output_dir)
-    if not resume and not overwrite and out.exists() and any(out.iterdir()):
-        prepare_run_dir(out, overwrite=False, resume=False)
-    lm, tok = _load(model)
-    from preflens.models import with_trainable_adapters
-
-    # all linear layers, alpha = 2 x rank by default, as `preflens train --lora-rank`; a saved
-    # adapter (RUN/final) is trained further as it is
-    lm = with_trainable_adapters(lm, lora_rank or 0, lora_alpha or None)
-    return train_rft(
-        lm,
-        tok,
-        rows,
-        rew,
-        config,
-        out,
+    return rft_from_files(
+        load_model=lambda: _load(model),
+        prompts=prompts,
+        reward=reward,
+        output_dir=output_dir,
+        config=RFTConfig(**cfg),
         resume=resume,
         overwrite=overwrite,
-        extra_config={
-            "model": model,
-            "prompts": str(prompts),
-            "prompt_field": prompt_field,
-            "reference_field": reference_field,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-        },
+        prompt_field=prompt_field,
+        reference_field=reference_field,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        extra_config={"model": model},
         log_fn=typer.echo,
     )
 
@@ -163,7 +141,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run dir first"),
     ) -> None:
         """Reinforcement finetuning (RLOO, optional KL and initial SFT) with per-prompt reward-std tracking."""
-        from preflens.train import Terminated
+        from preflens.training.runtime import Terminated
 
         try:
             summary = run_rft(
