@@ -182,6 +182,7 @@ class RFTRun:
         return summary
 
     def _loop(self) -> None:
+        """The phases in order; a resumed run skips what its checkpoint and `evals.json` already hold."""
         config, state = self.config, self.state
         if state.step == 0:
             self.guarded("the initial evaluation", self.evaluate, "init")
