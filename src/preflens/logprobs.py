@@ -10,7 +10,8 @@ most of a DPO step's cost, so this is the hot path:
   a response token (prompt positions never need logits), in chunks, and each chunk's log-softmax
   is recomputed in the backward (activation checkpointing) instead of being stored, so the
   full-vocabulary log-softmax is never materialised for the whole batch, nor in fp32 beyond a chunk;
-- the last hidden states at those positions come for free (CHES, seed 003, uses them);
+- the last hidden states at those positions come for free (CHES, Razin et al. 2024, arXiv
+  2410.08847, uses them);
 - optionally (`padding_free=True`) the N right-padded rows are packed into one row of their real
   tokens with per-sequence position ids, so no padding is computed. Hugging Face models turn such
   position ids into a block-diagonal causal mask (flash-attention: variable-length kernels), which

@@ -1,9 +1,10 @@
 """`preflens train`: preference optimization (DPO and relatives) with per-step diagnostics.
 
-Every field of `preflens.train.TrainConfig` is a flag (`lora_rank` -> `--lora-rank`) whose help is
+Every field of `preflens.training.config.TrainConfig` is a flag (`lora_rank` -> `--lora-rank`) whose help is
 the field's documentation, so `preflens train --help` lists every option and cannot drift from the
 trainer. `--config file.yaml` sets the same names; flags given on the command line override it.
-`preflens.train` imports torch lazily, so building this command (and `preflens --help`) stays fast.
+`training.config` is torch-free and the trainer (`preflens.train`) is imported only when the command
+runs, so building this command (and `preflens --help`) stays fast.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import typer
 
-from preflens.config import TRL_SYNONYMS
+from preflens.training.config import TrainConfig
+from preflens.training.config_file import TRL_SYNONYMS
 
 # Extra spellings of a flag (the issue tracker and TRL users say `--probe-size`).
 _ALIASES: dict[str, tuple[str, ...]] = {"probe_pairs": ("--probe-size",)}
@@ -52,8 +54,8 @@ def run_train(config_file: str | None, flags: dict[str, Any]) -> Any:
     """The command's work, callable from Python: merge `--config` (or a resumed run's config.yaml) with flags."""
     from pathlib import Path
 
-    from preflens.config import build_config, load_config_file
     from preflens.train import TrainConfig, train
+    from preflens.training.config_file import build_config, load_config_file
 
     given = {k: v for k, v in flags.items() if v is not None}
     if isinstance(given.get("loss_kwargs"), str):
@@ -82,8 +84,6 @@ def run_train(config_file: str | None, flags: dict[str, Any]) -> Any:
 
 
 def register(app: typer.Typer) -> None:
-    from preflens.train import TrainConfig
-
     params = [
         inspect.Parameter(
             "config_file",
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
 
         Example: preflens train --data pairs.jsonl --loss dpo --beta 0.1 --lora-rank 16 --output-dir runs/dpo
         """
-        from preflens.train import Terminated
+        from preflens.training.runtime import Terminated
 
         config_file = kwargs.pop("config_file", None)
         try:

@@ -1,14 +1,15 @@
 """Synthetic preference data for the papers' controlled experiments (deterministic by seed, offline).
 
-* `sentiment_pairs`: the synthetic sentiment task of Yuan et al. 2025 (seed 000, Sec. "Experiments": a
-  review opening, a positive chosen and a negative rejected continuation), with a `shared_tokens` knob:
-  chosen and rejected have the same length and agree at exactly `shared_tokens` positions. The paper's
-  token-level analysis (seed 000, "Mechanism 3"/Validation Check 3) predicts a larger <g_w, g_l> - more
-  gradient entanglement - as responses share more tokens; this knob lets an experiment vary only that.
+* `sentiment_pairs`: the synthetic sentiment task of Yuan et al. 2024 (arXiv 2410.13828, Sec.
+  "Experiments": a review opening, a positive chosen and a negative rejected continuation), with a
+  `shared_tokens` knob: chosen and rejected have the same length and agree at exactly `shared_tokens`
+  positions. The paper's token-level analysis ("Mechanism 3"/Validation Check 3) predicts a larger
+  <g_w, g_l> - more gradient entanglement - as responses share more tokens; this knob lets an experiment
+  vary only that.
 * `persona_statements`: single-token yes/no answers to "is the following statement something you would
-  say ..." (the Persona setting of Razin et al.'s likelihood-displacement talk, seed 003; the statements
+  say ..." (the Persona setting of Razin et al. 2024, arXiv 2410.08847; the statements
   here are our own, not Perez et al.'s).
-* `grid_preferences`: the 20x20 prompt-response grid of Gradient Imbalance in DPO (seed 004, Sec. 6.1):
+* `grid_preferences`: the 20x20 prompt-response grid of Ma et al. 2025 (arXiv 2502.20847, Sec. 6.1):
   a Gaussian utility around a per-prompt optimum, uniformly sampled pairs, a fraction of responses hidden
   from the preference data, for a tabular softmax policy trained with DPO vs Balanced-DPO.
 * `DEMO_ROWS`: the 16 pairs bundled as `preflens/resources/demo_pairs.jsonl` (demo and slow end-to-end test).
@@ -181,8 +182,8 @@ def persona_statements(
 
     Each row draws a statement (without replacement until all were used) and an (agree, disagree) word
     pair from `answer_pairs`; chosen is the agree word when the persona would say the statement, the
-    disagree word otherwise. The seed 003 table pairs synonyms too, e.g. ``(("sure", "yes"),)`` or
-    ``(("no", "never"),)`` (with those, "agree" just means "the first word is preferred").
+    disagree word otherwise. The table of Razin et al. 2024 (arXiv 2410.08847) pairs synonyms too, e.g.
+    ``(("sure", "yes"),)`` or ``(("no", "never"),)`` (with those, "agree" just means "the first word is preferred").
     """
     if n < 0:
         raise PreflensError(f"n must be >= 0, got {n}")
@@ -217,7 +218,7 @@ def persona_statements(
 
 @dataclass
 class GridPreferences:
-    """The synthetic grid of seed 004 Sec. 6.1.
+    """The synthetic grid of Ma et al. 2025 (arXiv 2502.20847), Sec. 6.1.
 
     `utility[x, y]` = exp(-(y - optimum[x])^2 / (2 width^2)) (a Gaussian preference utility around a
     per-prompt optimum); `observed[x, y]` is False for the responses hidden from the preference data;
@@ -250,7 +251,7 @@ def grid_preferences(
     width: float | None = None,
     temperature: float = 0.0,
 ) -> GridPreferences:
-    """Utility matrix and (prompt, winner, loser) pairs for tabular DPO vs Balanced-DPO (seed 004, Sec. 6.1).
+    """Utility matrix and (prompt, winner, loser) pairs for tabular DPO vs Balanced-DPO (Ma et al. 2025, arXiv 2502.20847, Sec. 6.1).
 
     Each prompt x has an optimum mu_x drawn uniformly in [0, n_responses - 1]; the utility is
     u(x, y) = exp(-(y - mu_x)^2 / (2 width^2)) (width defaults to n_responses / 8). For each prompt

@@ -18,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from preflens.errors import RunDirError
-from preflens.tracking import CONFIG_FILE, read_config
+from preflens.tracking import CONFIG_FILE, latest_checkpoint, read_config
 from preflens.training.config import DATA_ORDER_OPTIONS, TrainConfig
 
 __all__ = [
+    "load_latest",
     "adapter_only_hook",
     "check_adapter_checkpoint",
     "check_data_order",
@@ -65,6 +66,16 @@ def check_adapter_checkpoint(ckpt: Path, policy: Any) -> None:
             f"{f}: lacks {len(missing)} adapter tensor(s) of this model (e.g. {missing[0]}); was --lora-rank "
             "or --lora-target-modules changed since the run started?"
         )
+
+
+def load_latest(accelerator: Any, run_dir: Path, *, adapter_only: bool, policy: Any) -> Path:
+    """`accelerator.load_state` of the newest complete checkpoint; LoRA checkpoints hold the adapter only
+    (the frozen base comes from --model), checked to hold all of it."""
+    latest = latest_checkpoint(run_dir)
+    accelerator.load_state(str(latest), **({"strict": False} if adapter_only else {}))
+    if adapter_only:
+        check_adapter_checkpoint(Path(latest), accelerator.unwrap_model(policy))
+    return Path(latest)
 
 
 def check_data_order(run_dir: Path, config: TrainConfig) -> None:

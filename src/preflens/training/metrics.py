@@ -19,7 +19,7 @@ from preflens.diagnostics.imbalance import ImbalanceStats, balanced_dpo_lambda, 
 from preflens.logprobs import PairLogps
 from preflens.losses import LossFn, get_loss, margin_weights
 
-__all__ = ["STAT_COLS", "pair_stats", "run_metrics", "eval_columns", "eval_line"]
+__all__ = ["STAT_COLS", "pair_stats", "run_metrics", "eval_columns", "pair_rows", "eval_line"]
 
 # Columns of the per-pair stats tensor gathered once per micro-batch (one collective).
 STAT_COLS = ("pair_id", "chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_len", "rejected_len", "loss",
@@ -172,6 +172,19 @@ def eval_columns(
         "d_l": d_l.double(),
         "loss_dpo": loss if needs_grad_norms else nan,
     }
+
+
+def pair_rows(
+    step: int, split: str, scored: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """pairs.parquet rows of one evaluation of a split: each pair's log-probs beside its reference."""
+    return [
+        {"step": step, "split": split, "pair_id": int(pid), "chosen": scored[pid]["chosen"],
+         "rejected": scored[pid]["rejected"], "ref_chosen": ref[pid]["chosen"],
+         "ref_rejected": ref[pid]["rejected"], "chosen_len": scored[pid]["chosen_len"],
+         "rejected_len": scored[pid]["rejected_len"]}
+        for pid in sorted(scored)
+    ]  # fmt: skip
 
 
 def eval_line(step: int, m: dict[str, Any], rows: list[dict[str, Any]]) -> str:

@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+
+from preflens.errors import RunDirError
+from preflens.tracking import prepare_run_dir
 
 __all__ = [
     "make_accelerator",
+    "prepare_run_dir_on_all",
     "seed_everything",
     "Terminated",
     "sigterm_as_interrupt",
@@ -57,12 +64,7 @@ def make_accelerator(
     - `split_batches=True`: the prepared dataloader's batch is the *global* batch, split across processes
       (the preference trainer's `--batch-size` contract).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        from accelerate.state import AcceleratorState, GradientState
-
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     log_with = "tensorboard" if report_to == "tensorboard" and _tensorboard_available() else None
@@ -82,10 +84,28 @@ def make_accelerator(
     )
 
 
+def prepare_run_dir_on_all(accelerator: Any, run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """`tracking.prepare_run_dir` by the main process; every process stops on its refusal (the others
+    would hang at the next collective), and each checks that it sees the directory (shared filesystem)."""
+    err: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        except RunDirError as exc:
+            err = exc
+    msg = [str(err) if err is not None else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(msg)
+    if msg[0] is not None:
+        raise RunDirError(msg[0])
+    if not Path(run_dir).is_dir():
+        raise RunDirError(
+            f"{run_dir}: not visible from process {accelerator.process_index} (a shared filesystem is needed)"
+        )
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's (CPU and every GPU) generators: accelerate's `set_seed`."""
-    from accelerate.utils import set_seed
-
     set_seed(seed)
 
 

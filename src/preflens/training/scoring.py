@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import gather_object
 
 from preflens.data.collate import TokenizedPair, collate_pairs
-from preflens.logprobs import SequenceLogps, sequence_logps
+from preflens.logprobs import SequenceLogps, check_padding_free, sequence_logps
 
 __all__ = ["PairScorer"]
 
@@ -85,6 +85,25 @@ class PairScorer:
         for part in gather_object([out]):
             merged.update(part)
         return merged
+
+    def verify_padding_free(self, items: Sequence[TokenizedPair]) -> str:
+        """Check on a few real pairs that packed log-probs equal padded ones and stay isolated per sequence
+        (`logprobs.check_padding_free` raises otherwise); returns the line saying so."""
+        acc = self.accelerator
+        batch = collate_pairs(list(items), self.pad_token_id)
+        ids, am, rm = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask", "response_mask"))
+        bare = acc.unwrap_model(self.model)
+        was_training = bare.training
+        bare.eval()
+        try:
+            with torch.no_grad(), acc.autocast():
+                diffs = check_padding_free(self.forward_module(), ids, am, rm)
+        finally:
+            bare.train(was_training)
+        return (
+            f"padding-free: packed log-probs match padded ones (largest difference {diffs['max_abs']:.2g}) "
+            f"and stay isolated per sequence ({diffs['isolation']:.2g})"
+        )
 
     def _keep(self, chunk: Sequence[TokenizedPair], seq: SequenceLogps, out: Rows) -> None:
         b = len(chunk)

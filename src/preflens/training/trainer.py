@@ -39,14 +39,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from preflens.data.collate import PairCollator, PairDataset, collate_pairs
+from preflens.data.collate import PairCollator, PairDataset
 from preflens.diagnostics.displacement import fell_tolerance
 from preflens.errors import PreflensError, RunDirError, TrainingDivergedError
 from preflens.grad import sequence_grad_norms
 from preflens.logprobs import (
     PairLogps,
     SequenceLogps,
-    check_padding_free,
     pair_logps_from_batch,
     sequence_logps,
 )
@@ -55,8 +54,6 @@ from preflens.tracking import (
     DATA_REPORT_FILE,
     RunTracker,
     checkpoint_dir,
-    latest_checkpoint,
-    prepare_run_dir,
     prune_checkpoints,
     save_checkpoint,
     write_config,
@@ -72,11 +69,18 @@ from preflens.training.distributed import (
     lean_logps_module,
     through_forward,
 )
-from preflens.training.metrics import STAT_COLS, eval_columns, eval_line, pair_stats, run_metrics
+from preflens.training.metrics import STAT_COLS, eval_columns, eval_line, pair_rows, pair_stats, run_metrics
 from preflens.training.model_setup import build_model, is_peft
+from preflens.training.optim import make_optimizer
 from preflens.training.probes import ProbeCallback
 from preflens.training.reference import load_or_compute_reference
-from preflens.training.runtime import StepGuard, make_accelerator, seed_everything, sigterm_as_interrupt
+from preflens.training.runtime import (
+    StepGuard,
+    make_accelerator,
+    prepare_run_dir_on_all,
+    seed_everything,
+    sigterm_as_interrupt,
+)
 from preflens.training.sampler import PairBatchSampler
 from preflens.training.scoring import PairScorer
 
@@ -147,7 +151,7 @@ class Trainer:
         self.accelerator = make_accelerator(
             self.run_dir, mixed_precision=cfg.mixed_precision, report_to=cfg.report_to, split_batches=True
         )
-        self._setup_run_dir()
+        prepare_run_dir_on_all(self.accelerator, self.run_dir, overwrite=cfg.overwrite, resume=cfg.resume)
         if cfg.resume:
             ckpt.check_data_order(self.run_dir, cfg)
         seed_everything(cfg.seed)
@@ -157,11 +161,7 @@ class Trainer:
         parts = build_model(cfg, self.loss_kwargs, self._model_in, self._tokenizer_in)
         self.model, self.tokenizer, self.mask_head = parts.model, parts.tokenizer, parts.mask_head
         data = tokenize_splits(cfg, raw, self.tokenizer, self.accelerator.num_processes)
-        self.train_items, self.eval_items, self.train_subset = (
-            data.train_items,
-            data.eval_items,
-            data.train_subset,
-        )
+        self.train_items, self.eval_items, self.train_subset = data.train_items, data.eval_items, data.train_subset  # fmt: skip
         self.data_reports = data.reports
         self.fell_tol = fell_tolerance(cfg.dtype, cfg.mixed_precision)
         loader, steps, warmup = self._make_optimization()
@@ -171,19 +171,13 @@ class Trainer:
             num_processes=self.accelerator.num_processes, steps_resolved=steps, warmup_steps_resolved=warmup
         )
         self._resume_or_record(resolved, steps)
-        if cfg.padding_free:
-            self._check_padding_free()
         self.scorer = PairScorer(
-            self.accelerator,
-            self.model,
-            self._forward_module,
-            self.tokenizer.pad_token_id,
-            cfg.eval_batch_size or cfg.batch_size,
-            fresh_lora=parts.fresh_lora,
-            want_tokens=self.needs_tokens,
-            mask_head=self.mask_head,
-            padding_free=cfg.padding_free,
-        )
+            self.accelerator, self.model, self._forward_module, self.tokenizer.pad_token_id,
+            cfg.eval_batch_size or cfg.batch_size, fresh_lora=parts.fresh_lora, want_tokens=self.needs_tokens,
+            mask_head=self.mask_head, padding_free=cfg.padding_free,
+        )  # fmt: skip
+        if cfg.padding_free:  # refuse to train packed unless packing is exact for this model
+            self.say(self.scorer.verify_padding_free(self.train_items[:4]))
         self.reference = load_or_compute_reference(
             self.run_dir,
             self.train_items,
@@ -196,27 +190,6 @@ class Trainer:
             say=self.say,
         )
         self._batches = self._micro_batches()
-
-    def _setup_run_dir(self) -> None:
-        """The run directory, checked by the main process; every process stops on its refusal."""
-        acc = self.accelerator
-        err: Exception | None = None
-        if acc.is_main_process:
-            try:
-                prepare_run_dir(self.run_dir, overwrite=self.config.overwrite, resume=self.config.resume)
-            except RunDirError as exc:
-                err = exc
-        msg = [str(err) if err is not None else None]
-        if acc.num_processes > 1:  # every process stops, not only the main one (others would hang)
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(msg)
-        if msg[0] is not None:
-            raise RunDirError(msg[0])
-        if not self.run_dir.is_dir():
-            raise RunDirError(
-                f"{self.run_dir}: not visible from process {acc.process_index} (a shared filesystem is needed)"
-            )
 
     def _make_optimization(self) -> tuple[DataLoader, int, int]:
         """The train loader, AdamW and the schedule; returns (loader, steps, warm-up steps)."""
@@ -234,24 +207,7 @@ class Trainer:
         self.batches_per_epoch = len(self.sampler)
         steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         self.state.max_steps = steps
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        if self.mask_head is not None:
-            groups.append({"params": list(self.mask_head.parameters())})
-        self.optimizer = torch.optim.AdamW(
-            groups,
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-            # One fused kernel over all tensors (HF/TRL's default optimizer since torch 2.8): several times
-            # faster than the per-tensor loop torch picks on a CPU (BENCHMARKS.md). DeepSpeed/FSDP: unfused.
-            fused=self.accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
-            and all(
-                p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                for g in groups
-                for p in g["params"]
-            ),
-        )
+        self.optimizer = make_optimizer(self.model, self.mask_head, cfg, self.accelerator)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
         self.scheduler = get_scheduler(
             cfg.scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=steps
@@ -286,11 +242,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         self._last_saved = -1
         if cfg.resume:
-            latest = latest_checkpoint(self.run_dir)
-            # LoRA checkpoints hold the adapter only (the frozen base comes from --model)
-            acc.load_state(str(latest), **({"strict": False} if self._adapter_ckpt else {}))
-            if self._adapter_ckpt:
-                ckpt.check_adapter_checkpoint(Path(latest), acc.unwrap_model(self.model))
+            latest = ckpt.load_latest(acc, self.run_dir, adapter_only=self._adapter_ckpt, policy=self.model)
             if self.state.step > steps:
                 raise RunDirError(f"{latest}: the run is at step {self.state.step}, beyond --steps {steps}")
             ckpt.lr_from_schedule(self.optimizer, self.scheduler, cfg.lr)
@@ -307,25 +259,6 @@ class Trainer:
             # on resume TensorBoard drops the events logged after the checkpoint (as metrics.jsonl does)
             kw = {"tensorboard": {"purge_step": self.state.step + 1}} if cfg.resume else {}
             acc.init_trackers("preflens", config=hp, init_kwargs=kw)
-
-    def _check_padding_free(self) -> None:
-        """Refuse to train packed unless packing is exact for this model (`logprobs.check_padding_free`)."""
-        batch = collate_pairs(self.train_items[:4], self.tokenizer.pad_token_id)
-        ids, am, rm = (
-            batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "response_mask")
-        )
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), self.accelerator.autocast():
-                diffs = check_padding_free(self._forward_module(), ids, am, rm)
-        finally:
-            model.train(was_training)
-        self.say(
-            f"padding-free: packed log-probs match padded ones (largest difference {diffs['max_abs']:.2g}) "
-            f"and stay isolated per sequence ({diffs['isolation']:.2g})"
-        )
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -506,14 +439,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         for split, per_pair in scored.items():
             ref = self.reference.rows(split)
-            for pid in sorted(per_pair):
-                r = per_pair[pid]
-                rows.append(
-                    {"step": step, "split": split, "pair_id": int(pid), "chosen": r["chosen"],
-                     "rejected": r["rejected"], "ref_chosen": ref[pid]["chosen"],
-                     "ref_rejected": ref[pid]["rejected"], "chosen_len": r["chosen_len"],
-                     "rejected_len": r["rejected_len"]}
-                )  # fmt: skip
+            rows += pair_rows(step, split, per_pair, ref)
             if split == "eval":
                 cols = eval_columns(
                     per_pair,
