@@ -32,6 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+
 from preflens.data.formats import DataReport, PreferencePair, Text
 from preflens.errors import DataError, PreflensError
 
@@ -246,8 +249,6 @@ def collate_pairs(items: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
     of row r is a response token. Position 0 is never marked (no logit predicts it); `tokenize_pairs` never
     yields an empty prompt, so no response token sits there.
     """
-    import torch
-
     if not items:
         raise PreflensError("collate_pairs needs at least one pair")
     if pad_token_id is None:
@@ -284,16 +285,7 @@ class PairCollator:
         return collate_pairs(items, self.pad_token_id)
 
 
-def _torch_dataset_base() -> type:
-    try:
-        from torch.utils.data import Dataset
-
-        return Dataset
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return object
-
-
-class PairDataset(_torch_dataset_base()):  # type: ignore[misc]
+class PairDataset(Dataset):
     """A map-style torch Dataset over tokenized pairs (index -> TokenizedPair)."""
 
     def __init__(self, items: Sequence[TokenizedPair]):
@@ -398,9 +390,6 @@ def make_dataloader(
     num_workers: int = 0,
 ) -> Any:
     """A torch DataLoader yielding ARCHITECTURE.md batches (optionally length-grouped)."""
-    import torch
-    from torch.utils.data import DataLoader
-
     ds = PairDataset(items)
     collate = PairCollator(pad_token_id)
     if group_by_length:

@@ -25,36 +25,14 @@ import torch
 from preflens import models  # models.load_model looked up per call: tests substitute the loader
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import load_pairs
-from preflens.diagnostics.entanglement import EntanglementStats, entanglement_from_gram, token_entanglement
-from preflens.diagnostics.gram import sequence_gram_and_logps
-from preflens.diagnostics.imbalance import gradient_imbalance, imbalance_metrics
+from preflens.diagnostics.entanglement import entanglement_from_gram, token_entanglement
+from preflens.diagnostics.probe_state import probe_rows
 from preflens.errors import PreflensError
+from preflens.grad import sequence_gram_and_logps
 from preflens.logprobs import split_pairs
-from preflens.losses import TOKEN_LEVEL_LOSSES, LossFn, PairLogps, get_loss
+from preflens.losses import TOKEN_LEVEL_LOSSES, LossFn, get_loss
 
 __all__ = ["run_probe", "probe_rows", "summarize_probe_table"]
-
-
-def probe_rows(
-    stats: EntanglementStats, p: PairLogps, loss_fn: LossFn, pair_ids: list[int], step: int
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Per-pair rows and aggregates of one measurement (shared by the in-training probe runner and
-    `preflens probe`): the entanglement statistics of each pair, its reference log-probs, the
-    imbalance log-ratio and Balanced-DPO's lambda_w (Ma et al. 2025, arXiv 2502.20847, Sec. 5); the
-    aggregates are the `probe/...` metric keys of ARCHITECTURE.md."""
-    imb = gradient_imbalance(loss_fn, p)
-    rows = stats.rows(step=step, pair_id=pair_ids)
-    ref_c = p.ref_chosen.tolist() if p.ref_chosen is not None else [math.nan] * len(rows)
-    ref_r = p.ref_rejected.tolist() if p.ref_rejected is not None else [math.nan] * len(rows)
-    for i, r in enumerate(rows):
-        r["ref_chosen"], r["ref_rejected"] = ref_c[i], ref_r[i]
-        r["imbalance_log_ratio"] = float(imb.log_ratio[i])
-        r["lambda_w"] = float(imb.lambda_w[i])
-    agg = stats.aggregates("probe/")
-    m = imbalance_metrics(imb)
-    agg["probe/imbalance_ratio"] = m["imbalance/ratio"]
-    agg["probe/lambda_w"] = m["imbalance/lambda_w"]
-    return rows, agg
 
 
 def _probe_batch(
