@@ -1,6 +1,6 @@
-"""Balanced-DPO vs DPO on the 20x20 synthetic grid (seed 004, Sec. 6.1), with a tabular softmax policy.
+"""Balanced-DPO vs DPO on the 20x20 synthetic grid (Ma et al. 2025, arXiv 2502.20847, Sec. 6.1), with a tabular softmax policy.
 
-Seed 004 ("Gradient Imbalance in Direct Preference Optimization", arXiv 2502.20847) validates
+Ma et al. 2025 ("Gradient Imbalance in Direct Preference Optimization", arXiv 2502.20847) validates
 Balanced-DPO on a 20x20 prompt-response grid with a Gaussian preference utility, masking part of
 the grid out of the preference data (mask rates 0, 0.2, 0.4) to create responses the data never
 mention, and reports that bDPO reaches a higher reward than DPO and overestimates the
@@ -48,7 +48,7 @@ def train_tabular(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Train a tabular softmax policy on the grid's preference pairs with one loss; return metrics.
 
-    As in seed 004 (its reference "obtained by running 300 steps of baseline DPO first"), the
+    As in Ma et al. 2025, arXiv 2502.20847 (its reference "obtained by running 300 steps of baseline DPO first"), the
     reference and the starting policy are a tabular policy trained with `warmup` steps of DPO from
     uniform; with `warmup=0` both are uniform (then pi_w = pi_l at the start and no loss is imbalanced
     until the policy moves). `theta0` skips the warm-up with its result (returned as the second value).
@@ -93,7 +93,7 @@ def train_tabular(
             ref_w, ref_l = p.chosen.clone(), p.rejected.clone()
     loss_fn = get_loss(loss_name, **hparams)
 
-    # gradient imbalance at initialisation (seed 004, Eq. 2): |dL/dpi_w| : |dL/dpi_l|
+    # gradient imbalance at initialisation (Ma et al. 2025, arXiv 2502.20847, Eq. 2): |dL/dpi_w| : |dL/dpi_l|
     # = (d_w / pi_w) / (d_l / pi_l), from the loss's margin weights on log-probs
     with torch.no_grad():
         p0 = pair_logps()
@@ -131,7 +131,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument(
-        "--warmup", type=int, default=300, help="DPO steps that make the reference (seed 004: 300)"
+        "--warmup",
+        type=int,
+        default=300,
+        help="DPO steps that make the reference (Ma et al. 2025, arXiv 2502.20847: 300)",
     )
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--mask-rates", default="0,0.2,0.4")
@@ -142,7 +145,7 @@ def main() -> None:
     t0 = time.time()
     rates = [float(r) for r in args.mask_rates.split(",")]
     print(
-        f"20x20 grid (seed 004 Sec. 6.1), tabular softmax policy; reference = {args.warmup} DPO steps from "
+        f"20x20 grid (Ma et al. 2025, arXiv 2502.20847, Sec. 6.1), tabular softmax policy; reference = {args.warmup} DPO steps from "
         f"uniform; then {args.steps} full-batch Adam steps (lr {args.lr}) per loss; mean ± std over "
         f"{args.seeds} seeds"
     )

@@ -1,4 +1,4 @@
-"""Does dropping high-CHES pairs reduce likelihood displacement? (seed 003, Razin et al. Sec. 5)
+"""Does dropping high-CHES pairs reduce likelihood displacement? (Razin et al. 2024, arXiv 2410.08847, Sec. 5)
 
 Protocol (the paper's UltraFeedback experiment, shrunk to a CPU):
 1. Data: the synthetic sentiment pairs of `preflens.data.synthetic` (a review opening; a positive chosen

@@ -1,4 +1,4 @@
-"""More shared tokens between chosen and rejected -> larger gradient inner product (seed 000, Sec. 4).
+"""More shared tokens between chosen and rejected -> larger gradient inner product (Yuan et al. 2024, arXiv 2410.13828, Sec. 4).
 
 Yuan et al. ("A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
 arXiv 2410.13828) show that <grad log pi(y_w), grad log pi(y_l)> grows as the chosen and rejected

@@ -1,6 +1,6 @@
 """Synchronized chosen/rejected movement under margin-based losses, and its absence under sppo/normalized.
 
-Seed 000 (Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient
+Yuan et al. 2024 ("A Common Pitfall of Margin-based Language Model Alignment: Gradient
 Entanglement", arXiv 2410.13828), Fig. 1 and Sec. 3-5: under a margin-based loss (DPO, IPO, SimPO,
 SLiC, R-DPO, ...) the chosen and rejected log-probs move *together* (usually both down), because
 the loss only constrains their difference and their gradients are entangled (<g_w, g_l> large);

@@ -1,4 +1,4 @@
-"""Vanishing gradients in RFT on a controlled task (seed 003; apple/ml-rlgrad's controlled setting).
+"""Vanishing gradients in RFT on a controlled task (Razin et al. 2024, arXiv 2310.20703; apple/ml-rlgrad's controlled setting).
 
 Setting (DESIGN.md "Reference settings"): each prompt is one token q_i, the answer one token a_j out of
 C labels; reward +1 if the sampled token is the prompt's correct label, -1 otherwise. Because the answer

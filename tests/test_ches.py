@@ -1,4 +1,4 @@
-"""ches_score against seed 003's formula written out from `output_hidden_states`."""
+"""ches_score against Razin et al.'s (arXiv 2410.08847) formula written out from `output_hidden_states`."""
 
 from __future__ import annotations
 

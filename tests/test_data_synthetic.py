@@ -79,7 +79,7 @@ def test_persona_single_word_answers_follow_the_statement():
 def test_grid_shapes_mask_and_labels(mask_rate):
     g = grid_preferences(20, 20, mask_rate=mask_rate, seed=0)
     assert g.utility.shape == g.observed.shape == (20, 20) and g.pairs.shape == (400, 3)
-    # the Gaussian utility of seed 004 Sec. 6.1, written out
+    # the Gaussian utility of Ma et al. 2025 (arXiv 2502.20847) Sec. 6.1, written out
     width = 20 / 8
     for x in (0, 7, 19):
         for y in (0, 5, 19):

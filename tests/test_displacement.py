@@ -1,4 +1,4 @@
-"""Single-token likelihood displacement (seed 003) and the run-directory tables."""
+"""Single-token likelihood displacement (Razin et al. 2024, arXiv 2410.08847) and the run-directory tables."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_ches_vs_change_orders_by_score(tmp_path):
 
 def test_full_model_first_step_sign_matches_geometry_for_most_tokens():
     """The real (tiny) model, all parameters, one small SGD step: the hidden state moves mostly along
-    W_y+ - W_y-, so the prediction still has the observed sign for most tokens (seed 003, Sec. 4)."""
+    W_y+ - W_y-, so the prediction still has the observed sign for most tokens (Razin et al. 2024, arXiv 2410.08847, Sec. 4)."""
     model = _tiny(seed=2)
     prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
     yp, ym = 11, 40

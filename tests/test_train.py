@@ -132,7 +132,7 @@ def test_dpo_50_steps_raise_margin_and_accuracy(tmp_path):
     assert ev[-1]["loss"] == pytest.approx(
         (-F.logsigmoid(torch.tensor(margin.values))).mean().item(), abs=1e-5
     )
-    # d_w = d_l = beta * sigmoid(-margin) for DPO (seed 000, Sec. 3)
+    # d_w = d_l = beta * sigmoid(-margin) for DPO (Yuan et al. 2024, arXiv 2410.13828, Sec. 3)
     dw = (beta * torch.sigmoid(-torch.tensor(margin.values))).mean().item()
     assert ev[-1]["margin_weights/dw"] == pytest.approx(dw, abs=1e-6)
     assert ev[-1]["margin_weights/dl"] == pytest.approx(dw, abs=1e-6)

@@ -17,7 +17,9 @@ HERE = Path(__file__).resolve().parent
 FILES = ("metrics.jsonl", "pairs.parquet", "probes.parquet")
 
 RUNS: dict[str, dict] = {
-    "dpo_probes": dict(loss="dpo", steps=4, eval_every=2, probe_every=2, probe_pairs=4, step_entanglement=True),
+    "dpo_probes": dict(
+        loss="dpo", steps=4, eval_every=2, probe_every=2, probe_pairs=4, step_entanglement=True
+    ),
     "bdpo_lora": dict(loss="bdpo", steps=3, lora_rank=4, eval_every=0, probe_every=3, probe_pairs=3),
     "sparse_tokens": dict(loss="sparse", mask="diff", steps=2, eval_every=1, probe_every=2, probe_pairs=3),
 }
