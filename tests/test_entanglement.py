@@ -1,4 +1,4 @@
-"""Entanglement statistics (seed 000, Sec. 3-4) against written-out formulas and an actual SGD step."""
+"""Entanglement statistics (Yuan et al. 2024, arXiv 2410.13828, Sec. 3-4) against written-out formulas and an actual SGD step."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import math
 import pytest
 import torch
 
-from preflens.diagnostics.entanglement import entanglement_from_gram, pair_entanglement, token_entanglement
+from preflens.diagnostics.entanglement import (
+    entanglement_from_gram,
+    first_order_change,
+    pair_entanglement,
+    token_entanglement,
+)
 from preflens.diagnostics.gram import sequence_gram
 from preflens.logprobs import sequence_logps
-from preflens.losses import PairLogps, get_loss
+from preflens.losses import PairLogps, get_loss, margin_weights
 from test_gram import V, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +79,35 @@ def test_stats_match_paper_formulas() -> None:
     assert torch.allclose(st.batch_pred_delta_rejected.double(), expect[b:], rtol=1e-4, atol=1e-8)
     rows = st.rows(step=3, pair_id=list(range(10, 10 + b)))
     assert rows[2]["pair_id"] == 12 and rows[2]["step"] == 3 and rows[2]["inner"] == float(st.inner[2])
+
+
+def test_first_order_change_is_the_written_out_formula() -> None:
+    """delta chosen = eta (d_w |g_w|^2 - d_l <g_w,g_l>), delta rejected = eta (d_w <g_w,g_l> - d_l |g_l|^2)
+    (Yuan et al. 2024, arXiv 2410.13828, Sec. 3), for unequal weights (not only DPO's d_w = d_l)."""
+    torch.manual_seed(1)
+    b = 6
+    gw, gl = torch.randn(b, 9, dtype=torch.float64), torch.randn(b, 9, dtype=torch.float64)
+    d_w, d_l = torch.rand(b, dtype=torch.float64), torch.rand(b, dtype=torch.float64) * 3
+    eta = 0.7
+    dc, dr = first_order_change(d_w, d_l, (gw * gw).sum(1), (gw * gl).sum(1), (gl * gl).sum(1), eta=eta)
+    for i in range(b):
+        want_c = eta * (float(d_w[i]) * float(gw[i] @ gw[i]) - float(d_l[i]) * float(gw[i] @ gl[i]))
+        want_r = eta * (float(d_w[i]) * float(gw[i] @ gl[i]) - float(d_l[i]) * float(gl[i] @ gl[i]))
+        assert math.isclose(float(dc[i]), want_c, rel_tol=1e-12, abs_tol=1e-12)
+        assert math.isclose(float(dr[i]), want_r, rel_tol=1e-12, abs_tol=1e-12)
+    # entanglement_from_gram's per-pair prediction and conditions are this function's, bit for bit
+    x = torch.cat([gw, gl])
+    gram = x @ x.T
+    chosen, rejected = -torch.rand(b) * 10, -torch.rand(b) * 10
+    p = PairLogps(chosen=chosen, rejected=rejected, ref_chosen=chosen + 0.3, ref_rejected=rejected - 0.2)
+    loss_fn = get_loss("bdpo")
+    st = entanglement_from_gram(gram, p, loss_fn, eta=eta)
+    i = torch.arange(b)
+    mw, ml = margin_weights(loss_fn, p)
+    mc, mr = first_order_change(mw.double(), ml.double(), gram[i, i], gram[i, i + b], gram[i + b, i + b])
+    assert torch.equal(st.pred_delta_chosen, (eta * mc).float())
+    assert torch.equal(st.pred_delta_rejected, (eta * mr).float())
+    assert torch.equal(st.cond1_violated, mc < 0) and torch.equal(st.cond2_violated, mr > 0)
 
 
 def test_predicted_vs_observed_sgd_step() -> None:

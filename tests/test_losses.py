@@ -220,7 +220,7 @@ def test_margin_weights_are_minus_dl_dchosen_and_dl_drejected(name):
 
 
 def test_dpo_margin_weights_closed_form():
-    """DPO: d_w = d_l = beta sigma(-beta (r_w - r_l)) (seed 000, Sec. 3)."""
+    """DPO: d_w = d_l = beta sigma(-beta (r_w - r_l)) (Yuan et al. 2024, arXiv 2410.13828, Sec. 3)."""
     c, r, rc, rr, nw, nl = make_inputs(11)
     p = PairLogps(chosen=c, rejected=r, ref_chosen=rc, ref_rejected=rr)
     d_w, d_l = margin_weights(get_loss("dpo", beta=0.1), p)
@@ -372,3 +372,39 @@ def test_margin_weights_of_token_level_loss_are_mean_token_weights():
     want = 0.5 / (1 + torch.exp(0.5 * m))
     torch.testing.assert_close(d_w, want)
     torch.testing.assert_close(d_l, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# the package layout (preflens/losses/): registration order, traits, one owner of Balanced-DPO's lambda
+
+
+def test_registration_order_is_the_loss_table_order():
+    """Users see LOSSES's order (`preflens compare`, CLI help): the family imports must keep it."""
+    assert list(LOSSES) == ["dpo", "ipo", "simpo", "cpo", "slic", "rrhf", "dpop", "rdpo", "sppo", "rpo",
+                            "bdpo", "nbdpo", "normalized", "sparse"]  # fmt: skip
+
+
+def test_loss_traits_and_old_module_attributes():
+    import preflens.losses as losses
+    from preflens.losses import REFERENCE_FREE_LOSSES, TOKEN_LEVEL_LOSSES
+
+    assert TOKEN_LEVEL_LOSSES == frozenset({"sparse"})
+    assert REFERENCE_FREE_LOSSES == frozenset({"simpo", "cpo", "slic", "rrhf"})
+    # every loss stays importable by name from preflens.losses, as a function (not a family module)
+    for name in LOSSES:
+        assert getattr(losses, name) is LOSSES[name], name
+    assert callable(losses.diff_token_mask) and callable(losses.balanced_dpo_lambda)
+
+
+def test_bdpo_uses_the_one_balanced_dpo_lambda():
+    """bdpo's loss is DPO-like with rewards weighted by balanced_dpo_lambda (the imbalance diagnostic's)."""
+    from preflens.diagnostics.imbalance import balanced_dpo_lambda as lam_diag
+    from preflens.losses.balanced import balanced_dpo_lambda
+
+    assert lam_diag is balanced_dpo_lambda
+    chosen, rejected = torch.tensor([-2.0, 0.0, -7.0]), torch.tensor([-3.0, 0.0, -1.0])
+    p = PairLogps(chosen=chosen, rejected=rejected, ref_chosen=chosen - 0.5, ref_rejected=rejected + 0.25)
+    lam = balanced_dpo_lambda(chosen, rejected)
+    assert lam.tolist() == [3.0 / 5.0, 0.5, 1.0 / 8.0]
+    want = -logsig(1.0 * (lam * 0.5 - (1 - lam) * (-0.25)))
+    torch.testing.assert_close(get_loss("bdpo")(p), want)

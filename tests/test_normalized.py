@@ -1,4 +1,5 @@
-"""Normalized PO (seed 000, Sec. 5.1): chosen rises and rejected falls for every pair, where DPO does not.
+"""Normalized PO (Yuan et al. 2024, arXiv 2410.13828, Sec. 5.1): chosen rises and rejected falls for every
+pair, where DPO does not.
 
 Each pair gets its own small SGD step (the paper's per-pair first-order argument) on a tiny model
 whose rejected responses extend the chosen ones (strongly entangled gradients).

@@ -1,17 +1,18 @@
-"""Gradient entanglement of chosen and rejected log-probs (seed 000).
+"""Gradient entanglement of chosen and rejected log-probs.
 
-Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement"
-(arXiv 2410.13828), Sec. 3. With g_w = grad log pi(y_w), g_l = grad log pi(y_l) and the loss's margin
-weights d_w = -dl/d log pi_w, d_l = dl/d log pi_l, one gradient step of size eta on the pair's loss
+Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement"
+(arXiv 2410.13828, ICLR 2025), Sec. 3. With g_w = grad log pi(y_w), g_l = grad log pi(y_l) and the loss's
+margin weights d_w = -dl/d log pi_w, d_l = dl/d log pi_l, one gradient step of size eta on the pair's loss
 moves, to first order,
 
     delta chosen   = eta (d_w |g_w|^2 - d_l <g_w, g_l>)     condition 1 (chosen rises):   > 0
     delta rejected = eta (d_w <g_w, g_l> - d_l |g_l|^2)     condition 2 (rejected falls): < 0
 
 (for DPO, d_w = d_l and the conditions read <g_w, g_l> < |g_w|^2 and <g_w, g_l> < |g_l|^2, the
-paper's "<g_w, g_l> <= min(|g_w|^2, |g_l|^2)"). A step on a *batch* also moves pair i through the
-other pairs' gradients: with c = dL_batch/d logp (all 2B sequences) the exact first-order change is
-delta logp = -eta Gram c, which we report beside the per-pair form (it is what an SGD step observes).
+paper's "<g_w, g_l> <= min(|g_w|^2, |g_l|^2)"); `first_order_change` is the one function that computes
+these two moves. A step on a *batch* also moves pair i through the other pairs' gradients: with
+c = dL_batch/d logp (all 2B sequences) the exact first-order change is delta logp = -eta Gram c, which we
+report beside the per-pair form (it is what an SGD step observes).
 
 Sec. 4 / Fig. 4: token level. The sentence-level inner product is the sum of the inner products of
 per-token gradients; the paper finds it large and positive while most token-level products are
@@ -32,10 +33,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from preflens.diagnostics.gram import sequence_gram_and_logps, token_gram
 from preflens.errors import PreflensError
-from preflens.losses import LossFn, PairLogps, margin_weights
+from preflens.logprobs import PairLogps, split_pairs
+from preflens.losses.registry import LossFn
+from preflens.losses.weights import margin_weights
 
 __all__ = [
+    "first_order_change",
     "EntanglementStats",
     "entanglement_from_gram",
     "pair_entanglement",
@@ -108,6 +113,25 @@ class EntanglementStats:
         }
 
 
+def first_order_change(
+    d_w: Tensor, d_l: Tensor, sq_norm_w: Tensor, inner: Tensor, sq_norm_l: Tensor, *, eta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """First-order change of (chosen, rejected) log-probs under one gradient step on each pair's own loss.
+
+    Yuan et al. 2024 (arXiv 2410.13828), Sec. 3: with g_w, g_l the gradients of the chosen and rejected
+    log-probs and d_w = -dl/d chosen, d_l = dl/d rejected the loss's margin weights, a step of size eta on
+    the pair's loss moves
+
+        delta chosen   = eta (d_w |g_w|^2 - d_l <g_w, g_l>),
+        delta rejected = eta (d_w <g_w, g_l> - d_l |g_l|^2).
+
+    All arguments are per pair ([B], or any matching shape): `sq_norm_w` = |g_w|^2, `inner` = <g_w, g_l>,
+    `sq_norm_l` = |g_l|^2 (the Gram's blocks). Condition 1 of the paper (chosen rises) is delta chosen > 0,
+    condition 2 (rejected falls) delta rejected < 0; eta > 0 does not change either sign.
+    """
+    return eta * (d_w * sq_norm_w - d_l * inner), eta * (d_w * inner - d_l * sq_norm_l)
+
+
 def _batch_weights(loss_fn: LossFn, p: PairLogps, reduction: Reduction) -> tuple[Tensor, Tensor, Tensor]:
     d_w, d_l = margin_weights(loss_fn, p)
     if reduction not in ("mean", "sum"):
@@ -144,9 +168,8 @@ def entanglement_from_gram(
     cos = inner / (nw * nl)
     d_w, d_l, c = _batch_weights(loss_fn, p, reduction)
     dw, dl = d_w.double().to(g.device), d_l.double().to(g.device)
-    # The conditions are on the unscaled moves: eta > 0 does not change their sign.
-    move_c = dw * nw2 - dl * inner
-    move_r = dw * inner - dl * nl2
+    # The conditions are read on the moves of a unit step (eta > 0 does not change their sign).
+    move_c, move_r = first_order_change(dw, dl, nw2, inner, nl2)
     batch = -eta * (g @ c.double().to(g.device))
     f = torch.float32
     return EntanglementStats(
@@ -186,31 +209,22 @@ def pair_entanglement(
     `ref` = cached reference log-probs (chosen, rejected) for losses that need them. `grad_norms`
     fills `chosen_grad_norm`/`rejected_grad_norm` from the same Gram (needed by `normalized`).
     """
-    from preflens.diagnostics.gram import sequence_gram_and_logps
-
     with _eval_mode(model):
         gram, logps = sequence_gram_and_logps(
             model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], params
         )
-    b = logps.shape[0] // 2
     lengths = batch["response_mask"].bool().sum(1)
-    p = PairLogps(
-        chosen=logps[:b],
-        rejected=logps[b:],
-        ref_chosen=None if ref is None else ref[0].to(logps),
-        ref_rejected=None if ref is None else ref[1].to(logps),
-        chosen_len=lengths[:b],
-        rejected_len=lengths[b:],
-    )
-    norms = gram.diagonal().clamp_min(0).sqrt().to(logps)
+    norms = None
     if grad_norms or getattr(loss_fn, "loss_name", None) == "normalized":
-        p.chosen_grad_norm, p.rejected_grad_norm = norms[:b], norms[b:]
+        norms = gram.diagonal().clamp_min(0).sqrt().to(logps)
+    p = split_pairs(logps, lengths, ref, grad_norms=norms)
     return entanglement_from_gram(gram, p, loss_fn, eta=eta, reduction=reduction)
 
 
 @dataclass
 class TokenEntanglement:
-    """Token-level vs sentence-level inner products of one pair (seed 000, Sec. 4)."""
+    """Token-level vs sentence-level inner products of one pair (Yuan et al. 2024, arXiv 2410.13828,
+    Sec. 4)."""
 
     inner: Tensor
     """[L_w, L_l] <grad log pi(y_w,i | ...), grad log pi(y_l,j | ...)>."""
@@ -248,8 +262,6 @@ def token_entanglement(
 
     One forward row per response token (see `gram.token_gram`): an offline probe for a few pairs.
     """
-    from preflens.diagnostics.gram import token_gram
-
     n = batch["input_ids"].shape[0]
     b = n // 2
     if not 0 <= pair < b:

@@ -1,6 +1,6 @@
-"""Gradient imbalance between the chosen and the rejected response (seed 004).
+"""Gradient imbalance between the chosen and the rejected response.
 
-"Gradient Imbalance in Direct Preference Optimization" (arXiv 2502.20847), Eq. 2: for DPO,
+Ma et al. 2025, "Gradient Imbalance in Direct Preference Optimization" (arXiv 2502.20847), Eq. 2: for DPO,
 dL/dpi(y_w) : dL/dpi(y_l) = -pi(y_l) / pi(y_w): once the chosen response is more likely than the
 rejected one, the *rejected* side gets the larger gradient and DPO mostly pushes probability down.
 
@@ -11,8 +11,12 @@ with d_w = -dl/d log pi_w and d_l = dl/d log pi_l, and d log pi / d pi = 1/pi,
     log ratio = log|d_w| - log|d_l| + log pi_l - log pi_w.
 
 Sequence probabilities are tiny (log-probs of -100 are common), so the ratio is computed and stored
-in log space; `ratio` is its exp and may be inf. Balanced-DPO's weight (seed 004, Sec. 5) is
-lambda_w = log pi_l / (log pi_w + log pi_l).
+in log space; `ratio` is its exp and may be inf. Balanced-DPO's weight (Ma et al. 2025, Sec. 5)
+lambda_w = log pi_l / (log pi_w + log pi_l) is `preflens.losses.balanced.balanced_dpo_lambda`, the one
+copy the `bdpo` loss also uses.
+
+One owner per quantity: `imbalance_from_margin_weights` is the only place the log-ratio is computed
+(`gradient_imbalance` here, the probe set and the trainer's `imbalance/*` keys all go through it).
 """
 
 from __future__ import annotations
@@ -23,9 +27,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from preflens.losses import LossFn, PairLogps, margin_weights
+from preflens.logprobs import PairLogps
+from preflens.losses.balanced import balanced_dpo_lambda
+from preflens.losses.registry import LossFn
+from preflens.losses.weights import margin_weights
 
-__all__ = ["ImbalanceStats", "gradient_imbalance", "balanced_dpo_lambda", "imbalance_metrics"]
+__all__ = [
+    "ImbalanceStats",
+    "gradient_imbalance",
+    "imbalance_from_margin_weights",
+    "balanced_dpo_lambda",
+    "imbalance_metrics",
+]
 
 
 @dataclass
@@ -42,26 +55,36 @@ class ImbalanceStats:
     d_l: Tensor
 
 
-def balanced_dpo_lambda(chosen: Tensor, rejected: Tensor) -> Tensor:
-    """lambda_w = log pi_l / (log pi_w + log pi_l) (seed 004, Sec. 5), 1/2 where the denominator is 0."""
-    denom = chosen + rejected
-    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return torch.where(denom == 0, torch.full_like(denom, 0.5), rejected / safe)
+def imbalance_from_margin_weights(
+    d_w: Tensor, d_l: Tensor, chosen: Tensor, rejected: Tensor
+) -> ImbalanceStats:
+    """The imbalance of each pair from its margin weights and summed log-probs (all [B], one dtype).
+
+    log_ratio = log|d_w| - log|d_l| + (rejected - chosen) (Ma et al. 2025, arXiv 2502.20847, Eq. 2 for
+    any loss), NaN where both weights are 0; ratio = exp(log_ratio); lambda_w = Balanced-DPO's weight.
+    Computed in the dtype of the inputs, which are used as given (`d_w`, `d_l` are stored unchanged):
+    the trainer passes its float64 per-pair columns, `gradient_imbalance` float64 copies.
+    """
+    dw, dl = d_w.abs(), d_l.abs()
+    with torch.no_grad():
+        log_ratio = torch.log(dw) - torch.log(dl) + (rejected - chosen)
+        log_ratio = torch.where((dw == 0) & (dl == 0), torch.full_like(log_ratio, math.nan), log_ratio)
+        lam = balanced_dpo_lambda(chosen, rejected)
+    return ImbalanceStats(log_ratio=log_ratio, ratio=log_ratio.exp(), lambda_w=lam, d_w=d_w, d_l=d_l)
 
 
 def gradient_imbalance(loss_fn: LossFn, p: PairLogps) -> ImbalanceStats:
-    """The imbalance ratio |dL/dpi(y_w)| / |dL/dpi(y_l)| per pair, for any loss in the registry."""
+    """The imbalance ratio |dL/dpi(y_w)| / |dL/dpi(y_l)| per pair, for any loss in the registry.
+
+    Computed in float64 (log-probs of long responses lose the ratio in float32), stored as float32;
+    `d_w`, `d_l` are the margin weights in the log-probs' dtype.
+    """
     d_w, d_l = margin_weights(loss_fn, p)
-    dw, dl = d_w.double().abs(), d_l.double().abs()
-    with torch.no_grad():
-        log_ratio = torch.log(dw) - torch.log(dl) + (p.rejected.double() - p.chosen.double())
-        log_ratio = torch.where((dw == 0) & (dl == 0), torch.full_like(log_ratio, math.nan), log_ratio)
+    s = imbalance_from_margin_weights(
+        d_w.double(), d_l.double(), p.chosen.detach().double(), p.rejected.detach().double()
+    )
     return ImbalanceStats(
-        log_ratio=log_ratio.float(),
-        ratio=log_ratio.exp().float(),
-        lambda_w=balanced_dpo_lambda(p.chosen.detach().double(), p.rejected.detach().double()).float(),
-        d_w=d_w,
-        d_l=d_l,
+        log_ratio=s.log_ratio.float(), ratio=s.ratio.float(), lambda_w=s.lambda_w.float(), d_w=d_w, d_l=d_l
     )
 
 
