@@ -706,7 +706,7 @@ def test_sequence_gram_is_exact_on_other_model_families(family: str) -> None:
     is left out with `params=`."""
     import torch
 
-    from preflens.diagnostics.gram import GramError, sequence_gram
+    from preflens.grad import GramError, sequence_gram
 
     model = _family_model(family)
     names = None
@@ -737,7 +737,7 @@ def test_step_entanglement_fused_gradients_are_exact_on_gemma_and_qwen3(family: 
 
     import torch
 
-    from preflens.diagnostics.gram import StepGramCapture
+    from preflens.grad import StepGramCapture
     from preflens.logprobs import sequence_logps
 
     model = _family_model(family)
@@ -938,8 +938,8 @@ def test_sequence_gram_checks_its_input_shapes() -> None:
     inside the model; DESIGN's contract is [N, T] tensors of one shape, say so."""
     import torch
 
-    from preflens.diagnostics.gram import sequence_gram
     from preflens.errors import PreflensError
+    from preflens.grad import sequence_gram
     from preflens.models import tiny_model
 
     model, _ = tiny_model(hidden_size=32, seed=0)

@@ -13,7 +13,7 @@ from preflens.diagnostics.entanglement import (
     pair_entanglement,
     token_entanglement,
 )
-from preflens.diagnostics.gram import sequence_gram
+from preflens.grad import sequence_gram
 from preflens.logprobs import sequence_logps
 from preflens.losses import PairLogps, get_loss, margin_weights
 from test_gram import V, tiny_llama

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from preflens.diagnostics.gram import sequence_grad_norms
+from preflens.grad import sequence_grad_norms
 from preflens.logprobs import pair_logps_from_batch, sequence_logps
 from preflens.losses import PairLogps, get_loss
 from test_entanglement import shared_prefix_pairs

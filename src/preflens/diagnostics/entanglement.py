@@ -18,7 +18,7 @@ Sec. 4 / Fig. 4: token level. The sentence-level inner product is the sum of the
 per-token gradients; the paper finds it large and positive while most token-level products are
 small or negative (shared tokens carry the positive part). `token_entanglement` measures that.
 
-Everything here comes from `preflens.diagnostics.gram.sequence_gram`; the margin weights from
+Everything here comes from `preflens.grad.sequence_gram`; the margin weights from
 `preflens.losses.margin_weights` (autograd on PairLogps, so every loss in the registry works).
 """
 
@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from preflens.diagnostics.gram import sequence_gram_and_logps, token_gram
 from preflens.errors import PreflensError
+from preflens.grad import sequence_gram_and_logps, token_gram
 from preflens.logprobs import PairLogps, split_pairs
 from preflens.losses.registry import LossFn
 from preflens.losses.weights import margin_weights

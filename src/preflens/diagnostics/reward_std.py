@@ -21,7 +21,7 @@ What we compute, per prompt x with K samples y_1..y_K ~ pi_theta(.|x) and reward
 
 The norms come either from one backward of the surrogate sum_i w_i log pi(y_i|x) per prompt
 (w_i = (r_i - b_i)/K; gradient accumulation with one prompt per micro-batch), or, by default, from ONE
-batched backward over all prompts with the per-sequence Gram hooks of `preflens.diagnostics.gram`:
+batched backward over all prompts with the per-sequence Gram hooks of `preflens.grad`:
 ||g_p||^2 is the sum of the prompt's block of the Gram of the weighted per-sample gradients, so no
 per-sample or per-prompt gradient is ever materialised (`policy_gradient_norms`).
 
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from preflens.data.prompts import PROMPT_SUFFIXES, PromptRow, encode_prompt, load_prompts  # noqa: F401
-from preflens.diagnostics.gram import GramCapture, GramError
 from preflens.errors import PreflensError
+from preflens.grad import GramCapture, GramError
 from preflens.logprobs import sequence_logps
 from preflens.rewards import Reward, score
 
@@ -264,7 +264,7 @@ def policy_gradient_norms(
     `method`:
     - `loop`: one forward+backward per prompt (K rows each), i.e. gradient accumulation with one prompt
       per micro-batch; works for any model; activation memory of K sequences.
-    - `gram`: ONE forward+backward over all P*K samples with `preflens.diagnostics.gram.GramCapture`
+    - `gram`: ONE forward+backward over all P*K samples with `preflens.grad.GramCapture`
       hooks, which give the Gram matrix of the per-sample gradient contributions c_s grad logp_s
       (c_s = -scale w_s) without materialising them; then ||g_p||^2 = sum over p's block of that Gram.
       The Gram is accumulated in float64, so tiny norms (the small-std prompts this is about) are not

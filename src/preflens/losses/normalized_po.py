@@ -24,7 +24,7 @@ def normalized(p: PairLogps, beta: float = 0.1) -> Tensor:
     c = beta sigma(-beta (r_w - r_l)) (DPO's weight).
 
     Yuan et al. 2024 (arXiv 2410.13828), Sec. 5.1. c and the per-sequence gradient norms |g_w|, |g_l|
-    (`chosen_grad_norm`, `rejected_grad_norm`, from `preflens.diagnostics.gram.sequence_grad_norms`) are
+    (`chosen_grad_norm`, `rejected_grad_norm`, from `preflens.grad.sequence_grad_norms`) are
     all detached. Its descent direction is c (g_w/|g_w| - g_l/|g_l|), so to first order a step of size eta
     moves chosen by eta c |g_w| (1 - cos) >= 0 and rejected by eta c |g_l| (cos - 1) <= 0 for every pair,
     whatever the entanglement (cos = cosine of g_w, g_l). The value is a surrogate, not a likelihood:

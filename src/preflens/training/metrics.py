@@ -9,13 +9,12 @@ so a micro-batch costs one gather across processes.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from preflens.diagnostics.imbalance import ImbalanceStats, balanced_dpo_lambda, imbalance_metrics
+from preflens.diagnostics.imbalance import imbalance_from_margin_weights, imbalance_metrics
 from preflens.logprobs import PairLogps
 from preflens.losses import LossFn, get_loss, margin_weights
 
@@ -89,11 +88,8 @@ def run_metrics(col: dict[str, Any], *, beta: float, fell_tol: float) -> dict[st
     }
     if not torch.isnan(col["loss_dpo"]).all():
         m["loss/dpo"] = float(col["loss_dpo"].mean())
-    dw, dl = col["d_w"].abs(), col["d_l"].abs()
-    log_ratio = torch.log(dw) - torch.log(dl) + (col["rejected"] - col["chosen"])
-    log_ratio = torch.where((dw == 0) & (dl == 0), torch.full_like(log_ratio, math.nan), log_ratio)
-    lam = balanced_dpo_lambda(col["chosen"], col["rejected"])
-    m.update(imbalance_metrics(ImbalanceStats(log_ratio, log_ratio.exp(), lam, col["d_w"], col["d_l"])))
+    imb = imbalance_from_margin_weights(col["d_w"], col["d_l"], col["chosen"], col["rejected"])
+    m.update(imbalance_metrics(imb))
     return m
 
 
