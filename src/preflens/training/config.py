@@ -156,6 +156,20 @@ class TrainConfig:
     step_entanglement: bool = _opt(
         False, "Log entanglement statistics of every training batch from the step's own backward."
     )
+    # --- in-run attribution of likelihood displacement (issue 17: training/attribution.py)
+    attribute_every: int = _opt(
+        0,
+        "Every N steps, attribute the update to the batch's pairs: each pair's first-order effect on each "
+        "probe pair's chosen/rejected log-prob (attribution.parquet; 0: off).",
+    )
+    attribute_pairs: int = _opt(
+        16, "Probe pairs for --attribute-every, chosen as --probe-pairs chooses its own."
+    )
+    attribute_optimizer: str = _opt(
+        "sgd",
+        "Attribution form: sgd (-lr <grad l_i, grad logp_j>, exact), or adam (also each pair's share of the "
+        "AdamW update through the step's actual denominator; keeps the step's activations until the update).",
+    )
     progress: bool = _opt(True, "Show a progress bar.")
 
     @classmethod
@@ -190,6 +204,7 @@ class TrainConfig:
             "lora_rank",
             "pairs_train_subset",
             "probe_every",
+            "attribute_every",  # issue 17
         )
         for name in nonneg:
             if int(getattr(self, name)) < 0:

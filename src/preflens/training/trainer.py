@@ -59,6 +59,7 @@ from preflens.tracking import (
     write_config,
 )
 from preflens.training import checkpoint as ckpt
+from preflens.training.attribution import AttributionCallback
 from preflens.training.callbacks import TrainerCallback, TrainerState
 from preflens.training.config import TrainConfig, resolve_loss_kwargs
 from preflens.training.data_setup import read_pairs, tokenize_splits
@@ -118,9 +119,8 @@ class Trainer:
         self._model_in, self._tokenizer_in = model, tokenizer
         self.callbacks = list(callbacks)
         if config.probe_every or config.step_entanglement:
-            self.callbacks.append(
-                ProbeCallback(config.probe_every, config.probe_pairs, config.step_entanglement)
-            )
+            self.callbacks.append(ProbeCallback(config.probe_every, config.probe_pairs, config.step_entanglement))  # fmt: skip
+        self.callbacks += [AttributionCallback.from_config(config)] if config.attribute_every else []
         self.state = TrainerState()
         self.run_dir = Path(str(config.output_dir))
         self._say = log_fn
