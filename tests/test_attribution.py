@@ -317,3 +317,70 @@ def test_train_option_is_unchanged_by_fused_step_entanglement(tmp_path) -> None:
         out.append(pd.read_parquet(train(cfg, model=model, tokenizer=tok) / "attribution.parquet"))
     a, b = (torch.tensor(o.sort_values(["pair_id", "probe_pair_id"])["sgd_chosen"].to_numpy()) for o in out)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+
+
+# -- `preflens attribute` ------------------------------------------------------------------------------
+
+
+def test_attribute_command_matches_explicit_gradients_and_filters(tmp_path) -> None:
+    """Each row's effect_chosen equals -lr * sum_j <grad l_i, grad logp(y_w,j)> from explicit autograd
+    (l_i: DPO at the current model as its own reference); --drop-top writes the rest of the pairs."""
+    import json
+
+    import pandas as pd
+
+    from preflens.data.collate import collate_pairs, tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.diagnostics.attribution_scan import run_attribution
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32, seed=3)
+    model = model.double()
+    for name, n in (("train", 6), ("eval", 3)):
+        rows = sentiment_pairs(n, seed=1 if name == "train" else 2, response_length=4)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_attribution(
+        model=None, data=tmp_path / "train.jsonl", eval_data=tmp_path / "eval.jsonl",
+        output=tmp_path / "attr.parquet", probe_pairs=2, lr=0.5, batch_size=4, drop_top=0.34,
+        filtered_output=tmp_path / "kept.jsonl", progress=False, _model_obj=(model, tok),
+    )  # fmt: skip
+    df = pd.read_parquet(tmp_path / "attr.parquet").set_index("pair_index")
+    assert len(df) == 6 and summary["dropped"] == 2 and df["dropped"].sum() == 2
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert len(kept) == 4
+    worst = set(df.sort_values("effect_chosen").index[:2])
+    assert set(df.index[df["dropped"]]) == worst
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def flat(grads):
+        return torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+        )
+
+    items, _ = tokenize_pairs(load_pairs(tmp_path / "train.jsonl")[0], tok)
+    probe_items, _ = tokenize_pairs(load_pairs(tmp_path / "eval.jsonl")[0], tok)
+    pb = collate_pairs(sorted(probe_items, key=lambda it: it.pair_id)[:2], tok.pad_token_id)
+    g_probe = per_sequence_grads(model, pb["input_ids"], pb["attention_mask"], pb["response_mask"].bool())
+    g_chosen = g_probe[:2].sum(0)
+    for it in items:
+        b = collate_pairs([it], tok.pad_token_id)
+        lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"].bool()).logps
+        margin = 0.1 * ((lp[0] - lp[0].detach()) - (lp[1] - lp[1].detach()))  # DPO, beta 0.1
+        loss = -torch.nn.functional.logsigmoid(margin)
+        g = flat(torch.autograd.grad(loss, params, allow_unused=True)).double()
+        expect = -0.5 * float(g @ g_chosen)
+        got = float(df.loc[it.pair_id, "effect_chosen"])
+        assert abs(got - expect) <= 1e-5 * abs(expect) + 1e-12, (it.pair_id, got, expect)
+
+
+def test_attribute_cli_refuses_bad_options(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    res = CliRunner().invoke(app, ["attribute", "--data", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "o.parquet"),
+                                   "--drop-top", "0.2"])  # fmt: skip
+    assert res.exit_code != 0 and "--filtered-output" in str(res.exception or res.output)

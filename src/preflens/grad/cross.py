@@ -41,7 +41,7 @@ from preflens.grad.kernels import BLOCK_ELEMS, Strategy
 from preflens.grad.parts import Outer, operand
 from preflens.logprobs import sequence_logps
 
-__all__ = ["CrossCapture", "ProbeParts", "cross_param", "probe_parts", "sequence_cross"]
+__all__ = ["CrossCapture", "ProbeParts", "cross_param", "objective_cross", "probe_parts", "sequence_cross"]
 
 # A parameter's parts of one pass: (list of factored parts, per-sequence vectors [N, d] or None).
 Parts = tuple[list[Outer], Tensor | None]
@@ -347,3 +347,37 @@ def sequence_cross(
         w = weights(logps.detach()) if callable(weights) else weights
         torch.autograd.grad((logps * w.to(logps.dtype).detach()).sum(), cap.anchors)
     return cap.result(), logps.detach()
+
+
+def objective_cross(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor, Tensor],
+    objective: Callable[[Any], Tensor],
+    probe: ProbeParts,
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    return_tokens: bool = False,
+    strategy: Strategy = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Any]:
+    """Standalone: [Nt, Np] <grad of sequence s's share of `objective(seq)`, grad logp_j>, where `seq` is
+    the batch's `SequenceLogps` (per-token log-probs with `return_tokens`), from one forward and an
+    activation-only backward of the scalar objective (e.g. the sum of a loss's per-pair values: exact for
+    token-level losses too). Returns the products and the detached `SequenceLogps`."""
+    ids, att, rm = batch
+    rm = rm.bool()
+    cap = CrossCapture(
+        model, att, rm, probe, params, strategy=strategy, compute_dtype=compute_dtype, anchor=True
+    )
+    with torch.enable_grad(), cap:
+        seq = sequence_logps(model, ids, att, rm, return_tokens=return_tokens)
+        cap.check_graph(seq.logps)
+        if cap.anchor is None:
+            raise GramError("the input-embedding hook did not run: cannot drive the backward")
+        value = objective(seq)
+        if value.requires_grad:
+            torch.autograd.grad(value, cap.anchors, allow_unused=True)
+    for k, v in vars(seq).items():
+        if isinstance(v, Tensor):
+            setattr(seq, k, v.detach())
+    return cap.result(), seq
