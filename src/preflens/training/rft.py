@@ -22,7 +22,9 @@ the last finished one, so `resume=True` continues as if uninterrupted. The step 
 
 Run directory (like `preflens train`, through preflens.tracking): `config.yaml`, `metrics.jsonl` (keys:
 step, split, phase, reward/mean, reward/std, frac_small_std, grad_norm, kl, loss, lr), `prompts.parquet`
-(step, split, phase, prompt_id, reward_mean, reward_std, grad_norm), `evals.json`, `checkpoints/step-N/`
+(step, split, phase, prompt_id, reward_mean, reward_std, grad_norm; evaluation rows also the prompt),
+`samples.parquet` (every evaluation's completions: step, split, phase, prompt_id, sample, completion,
+reward), `evals.json`, `checkpoints/step-N/`
 (accelerate save_state: model, optimizers, RNG, loop position), `sft/` (the model after the initial SFT
 phase), `reference_model.pt` (with a KL penalty), `final/`, `summary.json`, `tb/` (TensorBoard).
 Single process for now: the per-prompt backward passes bypass DDP's gradient hooks.
@@ -140,7 +142,7 @@ class RFTRun:
         if ckpt is None:
             raise RunDirError(f"{self.run_dir}: no checkpoints/step-N to resume from")
         self.accelerator.load_state(str(ckpt))
-        self.tracker.resume_at(self.state.step, tables=("prompts",))
+        self.tracker.resume_at(self.state.step, tables=("prompts", "samples"))
         self.say(f"resumed from {ckpt} (step {self.state.step})")
 
     def _start_logs(self, extra_config: dict[str, Any]) -> None:
@@ -295,9 +297,13 @@ class RFTRun:
                 "grad_norm": sum(r["grad_norm"] for r in res.rows) / len(res.rows),
             }
         )
-        columns = ("prompt_id", "reward_mean", "reward_std", "grad_norm")
+        columns = ("prompt_id", "prompt", "reward_mean", "reward_std", "grad_norm")
         where = {"step": step, "split": "eval", "phase": phase}
         self._log_prompts([{**where, **{c: r[c] for c in columns}} for r in res.rows])
+        self.tracker.table("samples").append(  # the evaluation's completions (the report's examples)
+            {**where, **{c: s[c] for c in ("sample", "completion", "reward")}, "prompt_id": str(s["prompt_id"])}
+            for s in res.samples
+        )
         key = f"rft-{step}" if phase == "rft" else phase
         self.evals[key] = {"step": step, "phase": phase, **{k: v for k, v in summ.items() if k != "note"}}
         (self.run_dir / EVALS_FILE).write_text(json.dumps(self.evals, indent=2))
