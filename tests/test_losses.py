@@ -380,8 +380,12 @@ def test_margin_weights_of_token_level_loss_are_mean_token_weights():
 
 def test_registration_order_is_the_loss_table_order():
     """Users see LOSSES's order (`preflens compare`, CLI help): the family imports must keep it."""
-    assert list(LOSSES) == ["dpo", "ipo", "simpo", "cpo", "slic", "rrhf", "dpop", "rdpo", "sppo", "rpo",
-                            "bdpo", "nbdpo", "normalized", "sparse"]  # fmt: skip
+    assert list(LOSSES)[:14] == ["dpo", "ipo", "simpo", "cpo", "slic", "rrhf", "dpop", "rdpo", "sppo", "rpo",
+                                 "bdpo", "nbdpo", "normalized", "sparse"]  # fmt: skip
+    # then TRL's loss types in TRL's order (ipo is already there under its name)
+    from preflens.losses import TRL_LOSS_TYPES
+
+    assert list(LOSSES)[14 : 14 + len(TRL_LOSS_TYPES) - 1] == [n for n in TRL_LOSS_TYPES if n != "ipo"]
 
 
 def test_loss_traits_and_old_module_attributes():
@@ -389,7 +393,8 @@ def test_loss_traits_and_old_module_attributes():
     from preflens.losses import REFERENCE_FREE_LOSSES, TOKEN_LEVEL_LOSSES
 
     assert TOKEN_LEVEL_LOSSES == frozenset({"sparse"})
-    assert REFERENCE_FREE_LOSSES == frozenset({"simpo", "cpo", "slic", "rrhf"})
+    assert REFERENCE_FREE_LOSSES >= frozenset({"simpo", "cpo", "slic", "rrhf", "sft"})
+    assert not REFERENCE_FREE_LOSSES & {"dpo", "sigmoid", "ipo", "hinge", "aot", "bdpo"}
     # every loss stays importable by name from preflens.losses, as a function (not a family module)
     for name in LOSSES:
         assert getattr(losses, name) is LOSSES[name], name

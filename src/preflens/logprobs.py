@@ -80,6 +80,10 @@ class PairLogps:
     # per-sequence gradient norms |g_w|, |g_l| (normalized PO), [B]
     chosen_grad_norm: Tensor | None = None
     rejected_grad_norm: Tensor | None = None
+    # per response token log sum_v pi(v | prefix)^2, [B, L] like chosen_tokens (WPO's weight, TRL's
+    # use_weighting; not computed by the fused head: filled by callers that have it)
+    chosen_log_sum_sq: Tensor | None = None
+    rejected_log_sum_sq: Tensor | None = None
 
     def require(self, *names: str, loss: str) -> None:
         """Raise a clear error when a loss needs a field the caller did not fill."""

@@ -17,6 +17,12 @@ Layout (who owns what):
 - `normalized_po`: the `normalized` loss (Yuan et al. 2024, Sec. 5.1).
 - `sparse_po`:     the `sparse` loss (token-masked PO) and its `diff_token_mask` (Yuan et al. 2024,
   Sec. 5.2).
+- `trl_pair`:      every `loss_type` of TRL's `DPOTrainer` under TRL's name (`sigmoid` is `dpo`, `sppo_hard`
+  is `sppo`, `ipo` is `ipo`) and TRL's objective options (`ld_alpha`, `f_divergence_type`, `use_weighting`).
+- `odds_ratio`:    ORPO and the paired KTO (`kto_pair`).
+- `calibrated`:    the follow-ups aimed at likelihood displacement: Cal-DPO, SimPER, DPO-Shift, chi-PO.
+A comma-separated name is a weighted sum, as TRL's `loss_type` list: `get_loss("sigmoid,bco_pair,sft",
+loss_weights=[0.8, 0.2, 1.0])` (`registry._combined`).
 
 Adding a loss family (e.g. more of TRL's `loss_type`s):
 1. Write `preflens/losses/<family>.py`, named unlike any loss (`preflens.losses.<loss>` is the loss
@@ -38,7 +44,17 @@ No `if loss_type == ...` dispatch anywhere: the registry is the only lookup.
 from __future__ import annotations
 
 from preflens.logprobs import PairLogps
-from preflens.losses.registry import LOSSES, LossFn, get_loss, loss_hparams, losses_with, register_loss
+from preflens.losses.registry import (
+    LOSSES,
+    LossFn,
+    get_loss,
+    loss_hparams,
+    loss_names,
+    loss_needs_tokens,
+    loss_options,
+    losses_with,
+    register_loss,
+)
 from preflens.losses.weights import margin_weights
 
 # The family modules register their losses when imported: the order of this block is `LOSSES`'s order.
@@ -47,7 +63,9 @@ from preflens.losses.margin import dpo, ipo, simpo, cpo, slic, rrhf, dpop, rdpo,
 from preflens.losses.balanced import balanced_dpo_lambda, bdpo, nbdpo
 from preflens.losses.normalized_po import normalized
 from preflens.losses.sparse_po import diff_token_mask, sparse
+from preflens.losses.trl_pair import TRL_LOSS_TYPES, hinge, exo_pair, nca_pair, robust, bco_pair, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm  # noqa: E501  # fmt: skip
 # isort: on
+sigmoid, sppo_hard = dpo, sppo  # TRL's names of the same functions (LOSSES["sigmoid"] is LOSSES["dpo"])
 
 __all__ = [
     "PairLogps",
@@ -55,6 +73,10 @@ __all__ = [
     "get_loss",
     "register_loss",
     "loss_hparams",
+    "loss_names",
+    "loss_options",
+    "loss_needs_tokens",
+    "TRL_LOSS_TYPES",
     "margin_weights",
     "LossFn",
     "TOKEN_LEVEL_LOSSES",
@@ -64,6 +86,8 @@ __all__ = [
     # the loss functions, importable by name as before the split
     "dpo", "ipo", "simpo", "cpo", "slic", "rrhf", "dpop", "rdpo", "sppo", "rpo",
     "bdpo", "nbdpo", "normalized", "sparse",
+    "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "aot", "aot_unpaired", "apo_zero", "apo_down",
+    "discopop", "sft", "sigmoid_norm", "sigmoid", "sppo_hard",
 ]  # fmt: skip
 
 TOKEN_LEVEL_LOSSES = losses_with("token_level")
