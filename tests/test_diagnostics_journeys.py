@@ -50,7 +50,7 @@ def test_report_shows_step_entanglement_without_probes(tmp_path: Path) -> None:
     assert "no probe rows in metrics.jsonl" not in page
     text = " ".join(f.text for f in findings if f.kind == "entanglement")
     # means over the steps, written out: cond1 (0 + .5 + 1 + .5) / 4 = 50%, cosine 0.80
-    assert "condition 1 (chosen rises) violated in 50%" in text
+    assert "condition 1 (chosen rises) violated in 50% of training batches" in text
     assert "0.80" in text
     assert "training batch" in text  # says where the numbers come from
 

@@ -20,7 +20,7 @@ One module per step, in the order the data flow:
 from __future__ import annotations
 
 from preflens.report.figures import CHOSEN, GREY, REJECTED, Figure, make_figures
-from preflens.report.findings import Finding, diagnose, diagnosis_text
+from preflens.report.findings import Finding, diagnose, diagnosis_text, run_verdict
 from preflens.report.generate import generate_report, write_report
 from preflens.report.html import render_html
 from preflens.report.runs import RunData, frac_chosen_fell_by_step, load_run, logps_series
@@ -35,6 +35,7 @@ __all__ = [
     "write_report",
     "generate_report",
     "diagnosis_text",
+    "run_verdict",
     "render_html",
     "frac_chosen_fell_by_step",
     "logps_series",

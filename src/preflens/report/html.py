@@ -63,7 +63,7 @@ body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,san
 margin:24px auto;padding:0 16px;color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:0.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .sub{color:#666;margin-top:0} .diag{background:#fafafa;border:1px solid #ddd;border-radius:6px;padding:10px 16px}
-.diag li{margin:4px 0} .warn{color:#b00020} .ok{color:#1b7f3b} .info{color:#333}
+.diag li{margin:4px 0} .bad{color:#b00020;font-weight:600} .risk{color:#a15c00} .ok{color:#1b7f3b} .info{color:#333}
 img{max-width:100%;height:auto;border:1px solid #eee} .cap{color:#555;font-size:0.92em}
 .note{color:#777;font-style:italic} table{border-collapse:collapse;font-size:0.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:left} code{background:#f3f3f3;padding:0 3px}

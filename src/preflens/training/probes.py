@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from preflens.data.collate import collate_pairs
 from preflens.diagnostics.entanglement import EntanglementStats, entanglement_from_gram
 from preflens.diagnostics.probe_state import ProbeHistory, ProbeRunner
+from preflens.diagnostics.update_prediction import trainable_params, update_prediction
 from preflens.errors import PreflensError
 from preflens.grad import StepGramCapture
 from preflens.logprobs import PairLogps
@@ -130,6 +131,9 @@ class ProbeCallback(TrainerCallback):
         self.pairs = int(pairs)
         self.step = StepEntanglement.__new__(StepEntanglement) if step_entanglement else None
         self.runner: ProbeRunner | None = None
+        # the trainable parameters one step before the next probe: that probe also predicts, to first
+        # order, the change of the probed log-probs from the optimizer's real update (update_prediction)
+        self._before: list[Tensor] | None = None
 
     # -- probes on a fixed set ----------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class ProbeCallback(TrainerCallback):
         )
         if trainer.state.step == 0:
             self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])
+            self._snapshot(trainer, 0)
         else:
             self._restore(trainer.tracker.table("probes").rows)
 
@@ -214,8 +219,31 @@ class ProbeCallback(TrainerCallback):
         if history is not None:
             self.runner.restore(history)
 
+    def _snapshot(self, trainer: TrainerView, step: int) -> None:
+        """Keep the trainable parameters when the next step is a probe step."""
+        if self.runner is not None and (step + 1) % self.every == 0:
+            self._before = [p.detach().clone() for p in trainable_params(self.runner.model)]
+
+    def _update_columns(self, rows: list[dict[str, Any]]) -> None:
+        """update_pred_* / update_obs_*: the optimizer's last step, predicted (<g_i, delta theta>) and observed."""
+        n = len(rows)
+        if self._before is None:
+            for r in rows:
+                r.update(update_pred_chosen=math.nan, update_pred_rejected=math.nan)
+                r.update(update_obs_chosen=math.nan, update_obs_rejected=math.nan)
+            return
+        res = update_prediction(self.runner.model, self.runner.batch, self._before)  # type: ignore[union-attr]
+        self._before = None
+        for i, r in enumerate(rows):
+            r["update_pred_chosen"], r["update_pred_rejected"] = (
+                float(res["pred"][i]),
+                float(res["pred"][n + i]),
+            )
+            r["update_obs_chosen"], r["update_obs_rejected"] = float(res["obs"][i]), float(res["obs"][n + i])
+
     def _probe(self, trainer: TrainerView, step: int, lr: float) -> None:
         rows, agg = self.runner.run(step, lr)  # type: ignore[union-attr]
+        self._update_columns(rows)
         for r, split in zip(rows, self.splits):
             r["split"] = split
         trainer.tracker.table("probes").append(rows)
@@ -224,6 +252,8 @@ class ProbeCallback(TrainerCallback):
     def on_step_end(self, trainer: TrainerView, state: Any, batch_stats: dict[str, Any]) -> dict | None:
         if self.runner is not None and self.every > 0 and state.step % self.every == 0:
             self._probe(trainer, state.step, float(batch_stats["metrics"].get("lr", 1.0)))
+        if self.every > 0:
+            self._snapshot(trainer, state.step)
         return self.step.pop_metrics(trainer.accelerator.gather) if self.step is not None else None
 
     # -- statistics of the training step itself -------------------------------------------------
