@@ -106,7 +106,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score pairs by CHES (Razin et al. 2024, arXiv 2410.08847, Sec. 5); optionally write the dataset
         minus the top-scoring fraction."""
-        from preflens.training.runtime import make_accelerator
+        opt.check_pairs_early(
+            data,
+            split=data_split,
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            on_invalid=on_invalid,
+        )
+        from preflens.training.runtime import make_accelerator  # torch: once the data is known to be good
 
         summary = run_ches(
             model=model,

@@ -34,3 +34,52 @@ REWARD = typer.Option(
     "--reward",
     help="exact[:C,W] | normalized | regex:PATTERN | keyword:W1,W2 | length:N | rougeL | model:/path | module:function",
 )
+
+# memory budget of the gradient diagnostics (`preflens.grad.memory`)
+MAX_MEMORY = typer.Option(
+    None,
+    "--max-memory",
+    help="peak extra memory a diagnostic may use, e.g. 6GB or 500MiB (default: half the free RAM / GPU memory); "
+    "the work is chunked to stay under it, or refused up front when one chunk cannot fit",
+)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | None, flag: str) -> int | None:
+    """'6GB' -> 6e9, '500MiB' -> 500 * 2^20, '123' -> 123 bytes; None stays None (the default budget)."""
+    import re
+
+    from preflens.errors import PreflensError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise PreflensError(
+            f"{flag}: expected a positive size such as 6GB, 500MiB or 2000000000 (bytes), got {text!r}"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def check_pairs_early(data: object, *, limit: int | None = None, **read: object) -> None:
+    """Read and validate every row of `data` now, before torch/transformers are imported and the model
+    is loaded, so a broken file is reported (file, row, line, field, what was expected) in about a second.
+
+    torch-free: `preflens.data.formats` reads with the standard library (pyarrow/pandas for parquet/csv).
+    The library call that follows gets the same pairs from `load_pairs`' read cache (keyed by the file's
+    identity), so the file is not read twice.
+    """
+    from pathlib import Path
+
+    from preflens.data.formats import load_pairs, looks_like_path
+    from preflens.errors import PreflensError
+
+    if data is None or str(data) == "":
+        raise PreflensError("--data is required (a file, directory or hub id of preference pairs)")
+    path = Path(str(data)).expanduser()
+    if not path.exists() and not isinstance(data, Path) and not looks_like_path(str(data)):
+        return  # a hub id: read by the library (datasets), which imports what it needs
+    load_pairs(data, limit=limit, **read)  # type: ignore[arg-type]

@@ -43,6 +43,19 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _check_early(output: Path, batch_size: int, lr: float, token_level: int, max_memory: str | None) -> None:
+    """The options `run_probe` would refuse, checked before torch is imported."""
+    if Path(output).suffix.lower() != ".parquet":
+        raise PreflensError(f"--output {output}: the per-pair table is parquet; name it *.parquet")
+    if batch_size < 1:
+        raise PreflensError(f"--batch-size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise PreflensError(f"--lr must be > 0, got {lr}")
+    if token_level < 0:
+        raise PreflensError(f"--token-level must be >= 0, got {token_level}")
+    opt.parse_bytes(max_memory, "--max-memory")
+
+
 def run_probe(**kwargs: Any) -> dict[str, Any]:
     """`preflens.diagnostics.probe_table.run_probe` (imported on first use, so that listing the commands
     stays fast)."""
@@ -109,15 +122,27 @@ def register(app: typer.Typer) -> None:
         chosen_field: str = opt.CHOSEN_FIELD,
         rejected_field: str = opt.REJECTED_FIELD,
         on_invalid: str = opt.ON_INVALID,
+        max_memory: str = opt.MAX_MEMORY,
     ) -> None:
         """Per-pair gradient entanglement (Yuan et al. 2024, arXiv 2410.13828) and imbalance (Ma et al.
         2025, arXiv 2502.20847) of a dataset, without training."""
+        kwargs = _parse_kwargs(loss_kwargs)
+        _check_early(output, batch_size, lr, token_level, max_memory)
+        opt.check_pairs_early(
+            data,
+            limit=max_pairs or None,
+            split=data_split,
+            prompt_field=prompt_field,
+            chosen_field=chosen_field,
+            rejected_field=rejected_field,
+            on_invalid=on_invalid,
+        )
         summary = run_probe(
             data=data,
             output=output,
             model=model,
             loss=loss,
-            loss_kwargs=_parse_kwargs(loss_kwargs),
+            loss_kwargs=kwargs,
             batch_size=batch_size,
             max_pairs=max_pairs or None,
             max_length=max_length,
@@ -133,5 +158,6 @@ def register(app: typer.Typer) -> None:
             chosen_field=chosen_field,
             rejected_field=rejected_field,
             on_invalid=on_invalid,
+            max_memory=opt.parse_bytes(max_memory, "--max-memory"),
         )
         _print(summary)

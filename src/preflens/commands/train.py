@@ -54,7 +54,6 @@ def run_train(config_file: str | None, flags: dict[str, Any]) -> Any:
     """The command's work, callable from Python: merge `--config` (or a resumed run's config.yaml) with flags."""
     from pathlib import Path
 
-    from preflens.train import TrainConfig, train
     from preflens.training.config_file import build_config, load_config_file
 
     given = {k: v for k, v in flags.items() if v is not None}
@@ -80,7 +79,35 @@ def run_train(config_file: str | None, flags: dict[str, Any]) -> Any:
     for k in ("overwrite", "resume"):  # never inherited from a file: they are decisions about this invocation
         file_values.pop(k, None)
     config = build_config(TrainConfig, file_values, given, source=source)
+    check_train_data_early(config)
+    from preflens.train import train  # torch, transformers, peft: only once the data is known to be good
+
     return train(config)
+
+
+def check_train_data_early(config: TrainConfig) -> None:
+    """The torch-free checks of `TrainConfig.validate` that come before the data, then every row of --data
+    and of the eval source read and validated (`training.data_setup.read_pairs`, torch-free): a broken file
+    is reported in about a second, not after torch, transformers and the model have loaded. The trainer
+    reads the same pairs again from `load_pairs`' read cache."""
+    from pathlib import Path
+
+    from preflens.data.formats import looks_like_path
+    from preflens.errors import PreflensError, RunDirError
+    from preflens.training.data_setup import read_pairs
+
+    if not config.data:
+        raise PreflensError("--data is required (a file, directory or hub id of preference pairs)")
+    if not config.output_dir:
+        raise PreflensError("--output-dir is required (where the run's results go)")
+    if config.overwrite and config.resume:
+        raise RunDirError("--overwrite and --resume exclude each other: pick one")
+    if config.on_invalid not in ("error", "drop"):
+        raise PreflensError(f"--on-invalid must be error or drop, got {config.on_invalid!r}")
+    sources = [str(config.data)] + ([str(config.eval_data)] if config.eval_data else [])
+    if any(not Path(s).expanduser().exists() and not looks_like_path(s) for s in sources):
+        return  # a hub id: `datasets` reads it inside the trainer (it imports what it needs)
+    read_pairs(config, Path(str(config.output_dir)), lambda _msg: None)
 
 
 def register(app: typer.Typer) -> None:
@@ -122,13 +149,18 @@ def register(app: typer.Typer) -> None:
 
         Example: preflens train --data pairs.jsonl --loss dpo --beta 0.1 --lora-rank 16 --output-dir runs/dpo
         """
-        from preflens.training.runtime import Terminated
+        import sys
 
         config_file = kwargs.pop("config_file", None)
         try:
             run_dir = run_train(config_file, kwargs)
-        except Terminated:  # SIGTERM: checkpointed like Ctrl-C; exit as a terminated process does
-            raise typer.Exit(143) from None
+        except BaseException as exc:
+            # SIGTERM: checkpointed like Ctrl-C; exit as a terminated process does. training.runtime (torch)
+            # is looked up, not imported: a bad option or data file fails before torch is imported
+            runtime = sys.modules.get("preflens.training.runtime")
+            if runtime is not None and isinstance(exc, runtime.Terminated):
+                raise typer.Exit(143) from None
+            raise
         typer.echo(f"run directory: {run_dir}  (next: preflens report {run_dir})")
 
     train_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

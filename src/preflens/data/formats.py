@@ -289,7 +289,8 @@ def _read_hub(name: str, split: str, limit: int | None) -> list[dict]:
     return ds.to_list()
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether `source` names a file/directory (else it is read as a hub dataset id)."""
     return (
         source.startswith((".", "/", "~"))
         or source.lower().endswith(DATA_SUFFIXES)
@@ -461,7 +462,9 @@ def _normalize_row(
                 EMPTY_RESPONSE,
                 f"{where}: field {name!r} has an empty response"
                 + (" after removing the shared prompt" if implicit else "")
-                + "; expected non-empty text",
+                + "; expected non-empty text (TRL 1.16's DPOTrainer does not check this: it keeps the row and "
+                "trains on what is left: for text, the whitespace plus the EOS it appends; for messages, the chat "
+                "template's empty assistant turn)",
             )
     if chosen == rejected:
         raise _InvalidRow(
@@ -505,13 +508,34 @@ def available_splits(source: str | Path) -> list[str] | None:
             from datasets.data_files import get_data_patterns
 
             return [str(x) for x in get_data_patterns(str(path))]
-        if _looks_like_path(str(source)):
+        if looks_like_path(str(source)):
             return None
         import datasets
 
         return [str(x) for x in datasets.get_dataset_split_names(str(source))]
     except Exception:
         return None
+
+
+# The last few files read, keyed by what was asked and the file's identity (device, inode, size, mtime):
+# a command validates its data before the heavy imports and the model load (`preflens train`/`probe`/
+# `ches` fail on a bad row in about a second), and the library call that follows gets the same pairs
+# without reading the file twice. A file changed in between has another key and is read again.
+_READ_CACHE: dict[tuple, tuple[list[PreferencePair], DataReport]] = {}
+_READ_CACHE_SIZE = 4
+
+
+def _cache_key(source: Any, options: tuple) -> tuple | None:
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, options)
 
 
 def load_pairs(
@@ -533,6 +557,38 @@ def load_pairs(
     column: implicit prompt). `on_invalid="drop"` drops invalid rows and counts them in the report
     instead of raising `DataError`.
     """
+    options = (split, prompt_field, chosen_field, rejected_field, limit, on_invalid)
+    key = _cache_key(source, options)
+    if key is not None and key in _READ_CACHE:
+        pairs, report = _READ_CACHE[key]
+        return list(pairs), DataReport(**asdict(report))
+    pairs, report = _load_pairs(
+        source,
+        split=split,
+        prompt_field=prompt_field,
+        chosen_field=chosen_field,
+        rejected_field=rejected_field,
+        limit=limit,
+        on_invalid=on_invalid,
+    )
+    if key is not None:
+        while len(_READ_CACHE) >= _READ_CACHE_SIZE:
+            _READ_CACHE.pop(next(iter(_READ_CACHE)))
+        _READ_CACHE[key] = (list(pairs), DataReport(**asdict(report)))
+    return pairs, report
+
+
+def _load_pairs(
+    source: str | Path | Iterable[dict],
+    *,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    limit: int | None = None,
+    on_invalid: Literal["error", "drop"] = "error",
+) -> tuple[list[PreferencePair], DataReport]:
+    """`load_pairs` without the read cache."""
     if on_invalid not in ("error", "drop"):
         raise PreflensError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
     if limit is not None and limit < 0:
@@ -547,7 +603,7 @@ def load_pairs(
             rows, lines, json_lines = _read_file(path, split, limit, fields)
         elif path.is_dir():
             rows = _read_directory(path, split, limit)
-        elif isinstance(source, Path) or _looks_like_path(str(source)):
+        elif isinstance(source, Path) or looks_like_path(str(source)):
             raise DataError(f"{source}: no such file or directory")
         else:
             rows = _read_hub(str(source), split, limit)

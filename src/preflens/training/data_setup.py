@@ -12,13 +12,15 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from preflens.data.collate import TokenizedPair, tokenize_pairs
 from preflens.data.formats import PreferencePair, available_splits, load_pairs
 from preflens.errors import DataError, PreflensError
 from preflens.tracking import DATA_REPORT_FILE
 from preflens.training.config import TrainConfig
+
+if TYPE_CHECKING:  # torch-free at import: `preflens train` reads and checks the data before torch loads
+    from preflens.data.collate import TokenizedPair
 
 __all__ = ["RawPairs", "RunData", "read_pairs", "tokenize_splits", "why_dropped"]
 
@@ -86,6 +88,8 @@ def read_pairs(config: TrainConfig, run_dir: Path, say: Callable[[str], None]) -
 
 def tokenize_splits(config: TrainConfig, raw: RawPairs, tokenizer: Any, num_processes: int) -> RunData:
     """Tokenize; hold out the eval split; check the batch size against the data."""
+    from preflens.data.collate import tokenize_pairs
+
     cfg = config
     tok_kw = dict(
         max_length=cfg.max_length,
