@@ -64,6 +64,9 @@ from preflens.losses.balanced import balanced_dpo_lambda, bdpo, nbdpo
 from preflens.losses.normalized_po import normalized
 from preflens.losses.sparse_po import diff_token_mask, sparse
 from preflens.losses.trl_pair import TRL_LOSS_TYPES, hinge, exo_pair, nca_pair, robust, bco_pair, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm  # noqa: E501  # fmt: skip
+from preflens.losses.odds_ratio import orpo, kto_pair
+from preflens.losses.calibrated import cal_dpo, simper, dpo_shift, chipo
+
 # isort: on
 sigmoid, sppo_hard = dpo, sppo  # TRL's names of the same functions (LOSSES["sigmoid"] is LOSSES["dpo"])
 
@@ -87,7 +90,8 @@ __all__ = [
     "dpo", "ipo", "simpo", "cpo", "slic", "rrhf", "dpop", "rdpo", "sppo", "rpo",
     "bdpo", "nbdpo", "normalized", "sparse",
     "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "aot", "aot_unpaired", "apo_zero", "apo_down",
-    "discopop", "sft", "sigmoid_norm", "sigmoid", "sppo_hard",
+    "discopop", "sft", "sigmoid_norm", "sigmoid", "sppo_hard", "orpo", "kto_pair", "cal_dpo", "simper",
+    "dpo_shift", "chipo",
 ]  # fmt: skip
 
 TOKEN_LEVEL_LOSSES = losses_with("token_level")
