@@ -96,7 +96,7 @@ def step_cross(model, batch, probe_batch, loss_fn, ref, *, dtype=torch.float64, 
     """What the trainer does: a probe pass, then the step's forward and backward of the mean loss."""
     ids, att, rm = batch
     probe = probe_parts(model, *probe_batch, compute_dtype=dtype)
-    cap = CrossCapture(model, att, rm, probe, compute_dtype=dtype, keep=keep)
+    cap = CrossCapture(model, att, rm, probe, compute_dtype=dtype, keep=keep, with_gram=True)
     with cap:
         seq = sequence_logps(model, ids, att, rm)
         cap.watch(seq.logps)
@@ -128,6 +128,12 @@ def test_entries_equal_explicit_gradients(loss: str) -> None:
     assert cross.shape == (2 * b, 2 * p)
     rel = (cross - expect).abs().max() / expect.abs().max()
     assert rel < 1e-5, (loss, float(rel))
+    # the pairs' entanglement cosine of the log-prob gradients, from the same capture
+    cos = torch.nn.functional.cosine_similarity(g_train[:b], g_train[b:], dim=1)
+    got = cap.logp_cosines()
+    ok = c[:b] * c[b:] != 0
+    assert torch.allclose(got[ok], cos[ok], atol=1e-8), (got, cos)
+    assert torch.isnan(got[~ok]).all()
 
 
 def test_lora_and_ghost_vs_materialized_and_standalone() -> None:

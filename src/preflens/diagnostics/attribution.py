@@ -112,12 +112,20 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         a["total_rejected"] += float(r["sgd_rejected"])
         if adam and r.get("adam_chosen") is not None and math.isfinite(float(r["adam_chosen"])):
             a["adam_total_chosen"] = a.get("adam_total_chosen", 0.0) + float(r["adam_chosen"])
-        steps.setdefault(pid, set()).add(int(r["step"]))
+        seen_steps = steps.setdefault(pid, set())
+        if int(r["step"]) not in seen_steps:  # one cosine per (step, pair), repeated on its probe rows
+            seen_steps.add(int(r["step"]))
+            cos = float(r.get("cosine", math.nan))
+            if math.isfinite(cos):
+                a["_cos"] = a.get("_cos", 0.0) + cos
+                a["_ncos"] = a.get("_ncos", 0) + 1
     out = []
     for pid, a in acc.items():
         seen = len(steps[pid])
         a["seen"] = seen
         a["mean_chosen"] = a["total_chosen"] / seen
+        n_cos = a.pop("_ncos", 0)
+        a["mean_cosine"] = a.pop("_cos", 0.0) / n_cos if n_cos else math.nan
         out.append(a)
     out.sort(key=lambda a: (a["total_chosen"], a["pair_id"]))
     return out

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from preflens.grad.capture import GramCapture, _ParamState
 from preflens.grad.errors import GramError
-from preflens.grad.kernels import BLOCK_ELEMS, Strategy
+from preflens.grad.kernels import BLOCK_ELEMS, Strategy, param_gram
 from preflens.grad.parts import Outer, operand
 from preflens.logprobs import sequence_logps
 
@@ -142,24 +142,48 @@ def _ghost_cross(ta: list[Outer], pb: list[Outer], nt: int, np_: int, dtype: tor
     return out
 
 
-def _dense_slice(outers: list[Outer], n: int, c0: int, c1: int, dtype: torch.dtype) -> Tensor:
-    """Per-sequence gradients restricted to rows c0:c1 of the [p, q] weight: [n, c1 - c0, q]."""
-    q = outers[0].q
-    dev = (outers[0].grid[0] if outers[0].grid is not None else outers[0].b).device  # type: ignore[union-attr]
-    g = torch.zeros(n, c1 - c0, q, dtype=dtype, device=dev)
+def _slabs(
+    outers: list[Outer], n: int, dtype: torch.dtype
+) -> list[tuple[str, Tensor, Tensor, Tensor | None]]:
+    """Each part as ("bmm", a [n, L, p], b [n, L, q], None), rows of a sequence stacked (grid parts as
+    they are, flat dense parts padded per sequence), or ("hot", ids, b, seg) for one-hot parts."""
+    out: list[tuple[str, Tensor, Tensor, Tensor | None]] = []
     for o in outers:
         if o.grid is not None:
-            a, b = o.grid  # inactive rows carry a zero output-gradient in a or b
-            g += torch.bmm(operand(a[:, :, c0:c1], dtype).transpose(1, 2), operand(b, dtype)).to(dtype)
+            out.append(("bmm", o.grid[0], o.grid[1], None))  # inactive rows: zero output-gradient
         elif o.ids is not None:
-            sel = (o.ids >= c0) & (o.ids < c1)
-            if bool(sel.any()):
-                flat = o.seg[sel] * (c1 - c0) + (o.ids[sel] - c0)  # type: ignore[index,operator]
-                g.view(n * (c1 - c0), q).index_add_(0, flat, o.b[sel].to(dtype))  # type: ignore[index,union-attr]
+            out.append(("hot", o.ids, o.b, o.seg))  # type: ignore[arg-type]
         else:
-            a = o.a[:, c0:c1].to(dtype)  # type: ignore[index]
-            outer = a[:, :, None] * o.b.to(dtype)[:, None, :]  # type: ignore[union-attr]
-            g.index_add_(0, o.seg, outer)  # type: ignore[arg-type]
+            seg = o.seg
+            idx = torch.argsort(seg, stable=True)  # type: ignore[arg-type]
+            seg = seg[idx]  # type: ignore[index]
+            counts = torch.bincount(seg, minlength=n)
+            pos = torch.arange(o.rows, device=seg.device) - (torch.cumsum(counts, 0) - counts)[seg]
+            longest = int(counts.max()) if o.rows else 0
+            a = o.a.new_zeros(n, longest, o.p).index_put_((seg, pos), o.a[idx])  # type: ignore[union-attr,index]
+            b = o.b.new_zeros(n, longest, o.q).index_put_((seg, pos), o.b[idx])  # type: ignore[union-attr,index]
+            out.append(("bmm", a, b, None))
+    return out
+
+
+def _dense_slice(
+    slabs: list[tuple[str, Tensor, Tensor, Tensor | None]],
+    n: int,
+    q: int,
+    c0: int,
+    c1: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Per-sequence gradients restricted to rows c0:c1 of the [p, q] weight: [n, c1 - c0, q]."""
+    g = torch.zeros(n, c1 - c0, q, dtype=dtype, device=slabs[0][2].device)
+    for kind, x, b, seg in slabs:
+        if kind == "bmm":
+            g += torch.bmm(operand(x[:, :, c0:c1], dtype).transpose(1, 2), operand(b, dtype)).to(dtype)
+            continue
+        sel = (x >= c0) & (x < c1)
+        if bool(sel.any()):
+            flat = seg[sel] * (c1 - c0) + (x[sel] - c0)  # type: ignore[index]
+            g.view(n * (c1 - c0), q).index_add_(0, flat, b[sel].to(dtype))
     return g
 
 
@@ -167,14 +191,13 @@ def _materialized_cross(
     ta: list[Outer], pb: list[Outer], nt: int, np_: int, dtype: torch.dtype, denom: Tensor | None
 ) -> Tensor:
     p, q = ta[0].p, ta[0].q
-    dev = (ta[0].grid[0] if ta[0].grid is not None else ta[0].b).device  # type: ignore[union-attr]
-    out = torch.zeros(nt, np_, dtype=torch.float64, device=dev)
-    flat_rows = max([o.rows for o in ta + pb if o.grid is None and o.ids is None] + [1])
-    step = max(1, BLOCK_ELEMS // max(1, (nt + np_ + flat_rows) * q))
+    st, sp = _slabs(ta, nt, dtype), _slabs(pb, np_, dtype)
+    out = torch.zeros(nt, np_, dtype=torch.float64, device=st[0][2].device)
+    step = max(1, BLOCK_ELEMS // max(1, (nt + np_) * q))
     for c0 in range(0, p, step):
         c1 = min(p, c0 + step)
-        gt = _dense_slice(ta, nt, c0, c1, dtype)
-        gp = _dense_slice(pb, np_, c0, c1, dtype)
+        gt = _dense_slice(st, nt, q, c0, c1, dtype)
+        gp = _dense_slice(sp, np_, q, c0, c1, dtype)
         if denom is not None:
             gp = gp / denom[c0:c1].to(dtype)
         out += (gt.reshape(nt, -1) @ gp.reshape(np_, -1).T).double()
@@ -265,6 +288,7 @@ class CrossCapture(_KeepCapture):
         keep: bool = False,
         check_graph: bool = True,
         anchor: bool = False,
+        with_gram: bool = False,
     ) -> None:
         super().__init__(model, attention_mask, response_mask.bool(), params, strategy=strategy,
                          compute_dtype=compute_dtype, anchor=anchor)  # fmt: skip
@@ -279,6 +303,8 @@ class CrossCapture(_KeepCapture):
             )
         self.cross = torch.zeros(self.n, probe.n, dtype=compute_dtype, device=response_mask.device)
         self.watched = False
+        self.with_gram = with_gram  # also the training batch's own Gram (of the loss shares), self.gram
+        self.c: Tensor | None = None  # dL/dlogp of the watched log-probs (read in the backward)
 
     def on_parts(self, st: _ParamState) -> None:
         part: Parts = (list(st.outers), st.vector)
@@ -287,6 +313,8 @@ class CrossCapture(_KeepCapture):
             strategy=self.strategy, dtype=self.dtype,
         )  # fmt: skip
         self.cross += c.to(self.cross.device)
+        if self.with_gram:
+            self.gram += param_gram(st.name, st.outers, st.vector, self.n, self.strategy, self.dtype)
         if self.keep:
             super().on_parts(st)
 
@@ -295,6 +323,27 @@ class CrossCapture(_KeepCapture):
         if self._check:
             self.check_graph(logps)
         self.watched = True
+
+        def grab(g: Tensor) -> None:
+            self.c = g.detach().to(self.dtype)
+
+        if logps.requires_grad:
+            logps.register_hook(grab)
+
+    def logp_cosines(self) -> Tensor:
+        """[B] cosine of the chosen and rejected log-prob gradients of each pair (rows: chosen, then
+        rejected), from the loss-share Gram (`with_gram=True`): Gram_L[s, t] = c_s c_t G[s, t], so the
+        cosine is Gram_L's times sign(c_w c_l); NaN where a weight is 0."""
+        if not self.with_gram or self.c is None:
+            raise GramError("CrossCapture.logp_cosines needs with_gram=True and a watched backward")
+        b = self.n // 2
+        g = self.gram
+        idx = torch.arange(b, device=g.device)
+        inner = g[idx, idx + b]
+        norms = (g.diagonal()[:b].clamp_min(0) * g.diagonal()[b:].clamp_min(0)).sqrt()
+        sign = torch.sign(self.c[:b] * self.c[b:]).to(g.device)
+        cos = inner / norms * sign
+        return torch.where((norms > 0) & (sign != 0), cos, torch.full_like(cos, float("nan")))
 
     def result(self) -> Tensor:
         """[Nt, Np] cross products of this micro-batch (parameters whose calls got no gradient: zero)."""

@@ -115,6 +115,7 @@ class AttributionCallback(TrainerCallback):
             self._probe,  # type: ignore[arg-type]
             keep=self.form == "adam",
             check_graph=not self._checked,
+            with_gram=True,  # the pairs' entanglement cosine (Yuan et al. 2024, arXiv 2410.13828, Sec. 3)
         )
         self._cap = cap
         outer = self
@@ -157,7 +158,8 @@ class AttributionCallback(TrainerCallback):
             if denoms is not None:
                 scale = adam_scale(trainer.optimizer, float(m["lr"]), kappa) / acc.num_processes
                 parts.append(pair_effects(cap.preconditioned(denoms), scale))
-            local = torch.cat(parts, -1).float()  # [B_local, P, 2 or 4]
+            cos = cap.logp_cosines().to(eff.device, eff.dtype)[:, None, None].expand(-1, eff.shape[1], 1)
+            local = torch.cat(parts + [cos], -1).float()  # [B_local, P, 3 or 5]: effects, cosine
             table = acc.gather(local).cpu()
             ids = acc.gather(pid.to(local.device)).cpu().tolist()
             rows += self._rows(state.step, ids, table)
@@ -182,8 +184,9 @@ class AttributionCallback(TrainerCallback):
                     "probe_split": split,
                     "sgd_chosen": float(table[i, j, 0]),
                     "sgd_rejected": float(table[i, j, 1]),
+                    "cosine": float(table[i, j, -1]),
                 }
-                if table.shape[-1] == 4:
+                if table.shape[-1] == 5:
                     r["adam_chosen"], r["adam_rejected"] = float(table[i, j, 2]), float(table[i, j, 3])
                 rows.append(r)
         return rows
