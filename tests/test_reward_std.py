@@ -321,3 +321,71 @@ def test_preflens_tiny_model_chat_template_and_tied_embeddings():
     want = math.sqrt(sum(float((g**2).sum()) for g in torch.autograd.grad(total, params)))
     assert float(loop[0]) == pytest.approx(want, rel=1e-4)
     assert float(gram[0]) == pytest.approx(want, rel=1e-4)
+
+
+class _ScriptedSampler:
+    """A stand-in for vLLM: returns fixed token rows (one stops at EOS=2 with junk after it, one does not)."""
+
+    name = "scripted"
+
+    def generate(self, prompt_ids, k, *, max_new_tokens, temperature, top_p, eos):
+        assert eos == [2] and max_new_tokens == 3
+        return [[4, 2, 5] if j % 2 == 0 else [6, 7, 8] for _ in prompt_ids for j in range(k)]
+
+
+def test_sampler_seam_builds_the_same_layout(tiny):
+    """Token rows from another sampler are cut at the first EOS and laid out as the hf path lays them out."""
+    model, tok = tiny
+    prompts = [encode_prompt(tok, "say apple"), encode_prompt(tok, "x")]
+    s = sample_completions(model, tok, prompts, 2, max_new_tokens=3, sampler=_ScriptedSampler())
+    assert s.completion_ids == [[4, 2], [6, 7, 8]] * 2
+    for i in range(4):
+        p, n = prompts[i // 2], int(s.attention_mask[i].sum())
+        assert s.input_ids[i, :n].tolist() == p + s.completion_ids[i]
+        assert s.response_mask[i].nonzero().flatten().tolist() == list(range(len(p), n))
+    assert s.completions[0] == tok.decode([4]) and s.completions[1] == tok.decode([6, 7, 8])
+
+
+def test_sampler_choice_is_logged_and_checked_before_loading(tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    from preflens.commands.reward_std import run_reward_std
+    from preflens.errors import PreflensError
+
+    model, tok = tiny
+    loads = []
+    monkeypatch.setattr(
+        "preflens.commands.reward_std._load", lambda name, *a: loads.append(1) or (model, tok)
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, ["say apple", "x"])
+    kw = dict(model=None, prompts=prompts, reward="keyword:apple", k=2, max_new_tokens=2, batch_size=2)
+    run_reward_std(output_dir=tmp_path / "a", **kw)
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["sampler"] == "hf"
+    with pytest.raises(PreflensError, match="--sampler must be one of hf, vllm"):
+        run_reward_std(output_dir=tmp_path / "b", sampler="sglang", **kw)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a))
+    with pytest.raises(PreflensError, match=r"^--sampler vllm: the vllm package is not installed"):
+        run_reward_std(output_dir=tmp_path / "c", sampler="vllm", **kw)
+    assert len(loads) == 1  # the refusals came before any model load
+
+
+@pytest.mark.slow
+def test_vllm_sampler_where_it_imports(tmp_path):
+    """--sampler vllm (only where vLLM imports, on a GPU): the samples come from the torch model's weights,
+    so a prompt the model answers deterministically gets the same completion from both samplers."""
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    from preflens.diagnostics.reward_std import make_sampler
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(seed=0)
+    model = model.cuda()
+    sampler = make_sampler("vllm", model, tok)
+    prompts = [encode_prompt(tok, "the cat"), encode_prompt(tok, "a dog")]
+    torch.manual_seed(0)
+    v = sample_completions(model, tok, prompts, 2, max_new_tokens=4, temperature=1e-4, sampler=sampler)
+    h = sample_completions(model, tok, prompts, 2, max_new_tokens=4, temperature=1e-4)
+    assert v.completion_ids == h.completion_ids

@@ -369,3 +369,28 @@ def test_ctrl_c_during_the_update_keeps_the_last_checkpoint(tmp_path):
     assert run.guard.updating
     assert latest_checkpoint(tmp_path / "run") is None  # a rewound step would have saved step-2
     assert [r["step"] for r in _metrics(tmp_path / "run") if r["split"] == "train"] == [1, 2]
+
+
+def test_rft_sampler_and_trackers_are_checked_and_logged(tmp_path):
+    import yaml
+
+    model, tok = make_tiny()
+    for bad, msg in ((dict(sampler="sglang"), "--sampler must be one of hf, vllm"),
+                     (dict(report_to="tensorboard,comet"), "unknown tracker 'comet'")):  # fmt: skip
+        with pytest.raises(PreflensError, match=msg):
+            train_rft(
+                model,
+                tok,
+                _rows(),
+                get_reward(apple_fraction),
+                RFTConfig(steps=1, **FAST, **bad),
+                tmp_path / "x",
+            )
+    assert not (tmp_path / "x").exists()
+    said = []
+    cfg = RFTConfig(steps=1, **FAST, report_to="none")
+    train_rft(model, tok, _rows(), get_reward(apple_fraction), cfg, tmp_path / "run", log_fn=said.append)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["sampler"] == "hf" and saved["report_to"] == "none"
+    assert any(s.startswith("sampler: hf (transformers generate") for s in said)
+    assert not (tmp_path / "run" / "tb").exists()

@@ -17,6 +17,13 @@ import typer
 
 from preflens.commands import options as opt
 
+SAMPLER = typer.Option(
+    "hf",
+    "--sampler",
+    help="hf (transformers generate, batched, KV cache) | vllm (where vLLM is installed; needs a GPU)",
+)
+"""`--sampler`, shared with `preflens rft`."""
+
 
 def _load(name: str | None, device: str = "auto", dtype: str = "float32") -> tuple[Any, Any]:
     """Model + tokenizer through preflens.models (None: the embedded SmolLM2)."""
@@ -48,6 +55,7 @@ def run_reward_std(
     prompt_field: str = "prompt",
     reference_field: str = "reference",
     resume: bool = False,
+    sampler: str = "hf",
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns the summary dict (see `run_reward_std_dir`:
     `resume` continues a partial run with the same settings)."""
@@ -73,6 +81,7 @@ def run_reward_std(
         prompt_field=prompt_field,
         reference_field=reference_field,
         resume=resume,
+        sampler=sampler,
     )
 
 
@@ -157,6 +166,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False, "--resume", help="continue a partial run in --output-dir (same settings): keep its prompts"
         ),
+        sampler: str = SAMPLER,
     ) -> None:
         """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
         summary = run_reward_std(
@@ -181,5 +191,6 @@ def register(app: typer.Typer) -> None:
             prompt_field=prompt_field,
             reference_field=reference_field,
             resume=resume,
+            sampler=sampler,
         )
         _print(summary, output_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from preflens.commands import options as opt
+from preflens.commands.reward_std import SAMPLER
 
 # RFTConfig's defaults, repeated here so that `preflens --help` does not import torch (a test checks they agree)
 DEFAULTS: dict[str, Any] = {
@@ -37,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "sft_batch_size": 8,
     "seed": 0,
     "grad_method": "auto",
+    "report_to": "tensorboard",
+    "sampler": "hf",
 }
 
 
@@ -137,6 +140,13 @@ def register(app: typer.Typer) -> None:
             "--grad-method",
             help="per-prompt gradient norms: auto | gram (one batched backward) | loop (one backward per prompt)",
         ),
+        report_to: str = typer.Option(
+            DEFAULTS["report_to"],
+            "--report-to",
+            help="trackers, comma-separated: tensorboard (RUN/tb), wandb (RUN/wandb; WANDB_MODE=offline keeps it "
+            "local), mlflow (RUN/mlruns unless MLFLOW_TRACKING_URI is set), or none",
+        ),
+        sampler: str = SAMPLER,
         resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
         overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run dir first"),
     ) -> None:
@@ -178,6 +188,8 @@ def register(app: typer.Typer) -> None:
                 sft_batch_size=sft_batch_size,
                 seed=seed,
                 grad_method=grad_method,
+                report_to=report_to,
+                sampler=sampler,
             )
         except Terminated:  # SIGTERM: checkpointed like Ctrl-C; exit as a terminated process does
             raise typer.Exit(143) from None

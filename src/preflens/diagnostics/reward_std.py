@@ -32,6 +32,7 @@ resume) is `preflens.diagnostics.reward_std_run`.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -54,6 +55,10 @@ __all__ = [
     "Samples",
     "check_sampling",
     "sample_completions",
+    "SAMPLERS",
+    "make_sampler",
+    "check_sampler",
+    "sampler_name",
     "rloo_weights",
     "reward_mean_std",
     "exact_reward_std",
@@ -150,20 +155,44 @@ def sample_completions(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    sampler: Any = None,
 ) -> Samples:
     """Sample K completions per prompt in one `model.generate` call (left-padded prompts).
+
+    `sampler` (`make_sampler`): None samples with transformers' `generate` (batched, the model's KV
+    cache); a `reward_std_vllm.VLLMSampler` samples with vLLM from the model's current weights. Either way
+    the completions come back in the same layout, scored by the same `sequence_logps`.
 
     Uses a fresh GenerationConfig so that a checkpoint's own defaults (top_k=50, repetition penalty)
     do not silently change the sampling distribution: with temperature 1 and top_p 1 the samples come
     from pi_theta itself, which is what the std and the gradient estimate are about. Randomness comes
     from torch's global RNG (seed it, or let accelerate restore it on resume).
     """
-    from transformers import GenerationConfig  # slow to import; only sampling needs it
-
     check_sampling(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    device = next(model.parameters()).device
     eos = _eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    if sampler is not None:
+        gen_rows = sampler.generate(prompt_ids, k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, eos=eos)  # fmt: skip
+    else:
+        gen_rows = _hf_generate(model, prompt_ids, k, (max_new_tokens, temperature, top_p), eos, pad)
+    return _samples_from_rows(tokenizer, prompt_ids, gen_rows, k, eos, pad)
+
+
+def _hf_generate(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    k: int,
+    sampling: tuple[int, float, float],
+    eos: list[int],
+    pad: int,
+) -> list[list[int]]:
+    """transformers' `generate`: K samples per left-padded prompt; the generated token rows.
+    `sampling` is (max_new_tokens, temperature, top_p)."""
+    from transformers import GenerationConfig  # slow to import; only sampling needs it
+
+    max_new_tokens, temperature, top_p = sampling
+    device = next(model.parameters()).device
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
     am = torch.zeros((len(prompt_ids), width), dtype=torch.long)
@@ -186,15 +215,25 @@ def sample_completions(
         out = model.generate(input_ids=ids.to(device), attention_mask=am.to(device), generation_config=cfg)
     finally:
         model.train(was_training)
-    gen = out[:, width:].cpu()
+    return out[:, width:].cpu().tolist()
 
+
+def _samples_from_rows(
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    gen_rows: Sequence[Sequence[int]],
+    k: int,
+    eos: list[int],
+    pad: int,
+) -> Samples:
+    """Generated token rows (cut at the first EOS, which is kept) -> the right-padded `Samples` layout."""
     seqs: list[list[int]] = []
     resp_lens: list[int] = []
     completions: list[str] = []
     completion_ids: list[list[int]] = []
     eos_set = set(eos)
-    for r in range(gen.shape[0]):
-        toks = gen[r].tolist()
+    for r, row in enumerate(gen_rows):
+        toks = list(row)
         cut = next((j + 1 for j, t in enumerate(toks) if t in eos_set), len(toks))
         resp = toks[:cut]
         if not resp:  # max_new_tokens == 0 is rejected upstream; keep the layout valid anyway
@@ -242,6 +281,31 @@ def exact_reward_std(probs: Tensor, rewards: Tensor) -> Tensor:
 
 
 GRAD_METHODS = ("auto", "loop", "gram")
+SAMPLERS = ("hf", "vllm")
+"""`--sampler`: hf (transformers `generate` with the KV cache, batched) or vllm (`reward_std_vllm`)."""
+
+
+def check_sampler(name: str) -> None:
+    """Refuse an unknown `--sampler`, or vllm where it does not import (before any model is loaded)."""
+    if name not in SAMPLERS:
+        raise PreflensError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PreflensError("--sampler vllm: the vllm package is not installed (pip install vllm; it needs a GPU)")
+
+
+def make_sampler(name: str, model: nn.Module, tokenizer: Any, *, seed: int = 0) -> Any:
+    """The `sampler` argument of `sample_completions` for `--sampler NAME` (None: transformers)."""
+    check_sampler(name)
+    if name == "hf":
+        return None
+    from preflens.diagnostics.reward_std_vllm import VLLMSampler
+
+    return VLLMSampler(model, tokenizer, seed=seed)
+
+
+def sampler_name(sampler: Any) -> str:
+    """What a run logs as its sampler."""
+    return "hf" if sampler is None else str(getattr(sampler, "name", type(sampler).__name__))
 
 
 def policy_gradient_norms(
@@ -373,12 +437,13 @@ def reward_std_diagnostic(
     std_threshold: float = 0.1,
     on_batch: Callable[[RewardStdResult], None] | None = None,
     result: RewardStdResult | None = None,
+    sampler: Any = None,
 ) -> RewardStdResult:
     """Sample, score and measure every prompt, `batch_size` prompts per generation call.
 
     Results accumulate in `result` (pass one in to keep what was computed if a later batch fails:
     the caller can save `result` from its exception handler) and `on_batch` is called after each
-    batch (e.g. to write the partial parquet).
+    batch (e.g. to write the partial parquet). `sampler`: see `sample_completions` (None: transformers).
     """
     check_sampling(
         k=k,
@@ -400,6 +465,7 @@ def reward_std_diagnostic(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            sampler=sampler,
         )
         group = [i // k for i in range(len(samples.completions))]
         values = score(

@@ -26,7 +26,9 @@ import torch
 from preflens.data.prompts import PromptRow, load_prompts
 from preflens.diagnostics.reward_std import (
     RewardStdResult,
+    check_sampler,
     check_sampling,
+    make_sampler,
     reward_std_diagnostic,
     summarize,
 )
@@ -109,6 +111,7 @@ def run_reward_std_dir(
     prompt_field: str = "prompt",
     reference_field: str = "reference",
     resume: bool = False,
+    sampler: str = "hf",
 ) -> dict[str, Any]:
     """Sample, score and measure every prompt of a prompts file into `output_dir`; returns the summary.
 
@@ -116,7 +119,8 @@ def run_reward_std_dir(
     typo costs no model load). `resume` continues a partial run in `output_dir` (stopped by a failing
     reward or Ctrl-C): its prompts are kept as saved and only the others are sampled, with the same
     settings (checked); the remaining prompts draw from a fresh random stream (seed + prompts done), so
-    the numbers equal an uninterrupted run's in distribution, not bit for bit.
+    the numbers equal an uninterrupted run's in distribution, not bit for bit. `sampler` (hf | vllm,
+    `reward_std.make_sampler`) is recorded in summary.json.
     """
     out = Path(output_dir)
     existing = _check_output_dir(out, overwrite=overwrite, resume=resume)
@@ -131,6 +135,7 @@ def run_reward_std_dir(
         batch_size=batch_size,
         std_threshold=std_threshold,
     )
+    check_sampler(sampler)
     rew = get_reward(reward)
     rows = load_prompts(
         prompts,
@@ -145,6 +150,7 @@ def run_reward_std_dir(
         "top_p": top_p,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
+        "sampler": sampler,
     }
     result = RewardStdResult(rows=[], samples=[])
     todo: list[PromptRow] = rows
@@ -156,6 +162,7 @@ def run_reward_std_dir(
     lm = with_trainable_adapters(lm)  # a saved adapter (RUN/final): gradients over its LoRA matrices
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + len(result.rows))  # resumed: a fresh stream for the prompts left
+    smp = make_sampler(sampler, lm, tok, seed=seed)
 
     def summary(partial: bool) -> dict[str, Any]:
         s = summarize(
@@ -180,6 +187,7 @@ def run_reward_std_dir(
             std_threshold=std_threshold,
             on_batch=lambda res: write_reward_std(out, res, summary(partial=True)),
             result=result,
+            sampler=smp,
         )
     except RewardError as exc:
         write_reward_std(out, result, summary(partial=True))

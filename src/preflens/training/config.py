@@ -147,7 +147,12 @@ class TrainConfig:
     pairs_train_subset: int = _opt(
         64, "Train pairs whose log-probs are written to pairs.parquet at each eval."
     )
-    report_to: str = _opt("tensorboard", "Extra tracker: tensorboard (in <output_dir>/tb) or none.")
+    report_to: str = _opt(  # trackers (issue 15: training/runtime.parse_report_to)
+        "tensorboard",
+        "Trackers, comma-separated: tensorboard (in <output_dir>/tb), wandb (<output_dir>/wandb; WANDB_MODE=offline "
+        "keeps it local), mlflow (<output_dir>/mlruns unless MLFLOW_TRACKING_URI is set), or none. Every "
+        "metrics.jsonl key k of split s is logged as s/k.",
+    )
     probe_every: int = _opt(0, "Gradient-entanglement probes every N steps (0: off).")
     probe_pairs: int = _opt(
         8,
@@ -229,8 +234,9 @@ class TrainConfig:
             raise PreflensError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise PreflensError(f"--mixed-precision must be no or bf16, got {self.mixed_precision!r}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise PreflensError(f"--report-to must be tensorboard or none, got {self.report_to!r}")
+        from preflens.training.runtime import parse_report_to  # issue 15: names and installed packages
+
+        parse_report_to(self.report_to)
         if self.overwrite and self.resume:
             raise RunDirError("--overwrite and --resume exclude each other: pick one")
         if self.padding_free and self.step_entanglement:

@@ -26,7 +26,8 @@ step, split, phase, reward/mean, reward/std, frac_small_std, grad_norm, kl, loss
 `samples.parquet` (every evaluation's completions: step, split, phase, prompt_id, sample, completion,
 reward), `evals.json`, `checkpoints/step-N/`
 (accelerate save_state: model, optimizers, RNG, loop position), `sft/` (the model after the initial SFT
-phase), `reference_model.pt` (with a KL penalty), `final/`, `summary.json`, `tb/` (TensorBoard).
+phase), `reference_model.pt` (with a KL penalty), `final/`, `summary.json`, and the `--report-to` trackers'
+files: `tb/` (TensorBoard), `wandb/`, `mlruns/` (MLflow's local store).
 Single process for now: the per-prompt backward passes bypass DDP's gradient hooks.
 """
 
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from preflens.data.prompts import PromptRow, encode_prompt, load_prompts
-from preflens.diagnostics.reward_std import reward_std_diagnostic, summarize
+from preflens.diagnostics.reward_std import make_sampler, reward_std_diagnostic, summarize
 from preflens.errors import PreflensError, RunDirError
 from preflens.models import with_trainable_adapters
 from preflens.rewards import Reward, RewardError, get_reward
@@ -58,7 +59,13 @@ from preflens.tracking import (
 )
 from preflens.training.rft_config import RFTConfig, validate_rft_config
 from preflens.training.rft_steps import LoopState, rft_step, sft_step
-from preflens.training.runtime import StepGuard, make_accelerator, seed_everything, sigterm_as_interrupt
+from preflens.training.runtime import (
+    StepGuard,
+    init_trackers,
+    make_accelerator,
+    seed_everything,
+    sigterm_as_interrupt,
+)
 
 __all__ = [
     "RFTConfig",
@@ -71,6 +78,10 @@ __all__ = [
 ]
 
 REFERENCE_FILE = "reference_model.pt"
+SAMPLER_NOTES = {
+    "hf": "transformers generate, batched, KV cache",
+    "vllm": "vLLM, the policy's weights loaded before each sampling",
+}
 EVALS_FILE = "evals.json"
 
 
@@ -107,7 +118,7 @@ class RFTRun:
         self.resume = resume
         self.say: Callable[[str], None] = log_fn or (lambda msg: None)
 
-        self.accelerator = make_accelerator(self.run_dir, report_to="tensorboard")
+        self.accelerator = make_accelerator(self.run_dir, report_to=config.report_to)
         if self.accelerator.num_processes > 1:
             raise PreflensError(
                 "preflens rft runs in a single process (launch it without accelerate/torchrun)"
@@ -134,6 +145,10 @@ class RFTRun:
         self.evals: dict[str, dict[str, Any]] = _load_evals(self.run_dir, self.state.step) if resume else {}
         self.ref_model: nn.Module | None = None
         self.guard = StepGuard([self.opt_sft, self.opt_rft])
+        self.sampler = make_sampler(
+            config.sampler, self.accelerator.unwrap_model(self.model), tokenizer, seed=config.seed
+        )
+        self.say(f"sampler: {config.sampler} ({SAMPLER_NOTES[config.sampler]}); trackers: {config.report_to}")
 
     # ----- set-up -----
 
@@ -146,7 +161,7 @@ class RFTRun:
         self.say(f"resumed from {ckpt} (step {self.state.step})")
 
     def _start_logs(self, extra_config: dict[str, Any]) -> None:
-        """config.yaml (a new run only) and the TensorBoard run with the scalar settings."""
+        """config.yaml (a new run only) and the --report-to trackers with the scalar settings."""
         cfg = {
             **asdict(self.config),
             **extra_config,
@@ -155,9 +170,8 @@ class RFTRun:
         }
         if not self.resume:
             write_config(self.run_dir, cfg)
-        if self.accelerator.log_with:
-            scalars = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
-            self.accelerator.init_trackers("preflens-rft", config=scalars)
+        step = self.state.step if self.resume else None
+        init_trackers(self.accelerator, "preflens-rft", cfg, self.run_dir, resume_step=step)
 
     def _sft_pool(self) -> list[int]:
         """The prompts the initial SFT phase trains on: a seeded `sft_fraction` of those with a reference."""
@@ -249,6 +263,7 @@ class RFTRun:
             self.reward,
             self.ref_model,
             self.device,
+            self.sampler,
         )
         self.state.step += 1
         where = {"step": self.state.step, "split": "train", "phase": "rft"}
@@ -276,6 +291,7 @@ class RFTRun:
             chat_template=config.chat_template,
             std_threshold=config.std_threshold,
             grad_method=config.grad_method,
+            sampler=self.sampler,
         )
         low, low_from = self._low_reward_bar()
         summ = summarize(
@@ -301,7 +317,11 @@ class RFTRun:
         where = {"step": step, "split": "eval", "phase": phase}
         self._log_prompts([{**where, **{c: r[c] for c in columns}} for r in res.rows])
         self.tracker.table("samples").append(  # the evaluation's completions (the report's examples)
-            {**where, **{c: s[c] for c in ("sample", "completion", "reward")}, "prompt_id": str(s["prompt_id"])}
+            {
+                **where,
+                **{c: s[c] for c in ("sample", "completion", "reward")},
+                "prompt_id": str(s["prompt_id"]),
+            }
             for s in res.samples
         )
         key = f"rft-{step}" if phase == "rft" else phase

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from preflens.data.prompts import PromptRow
-from preflens.diagnostics.reward_std import GRAD_METHODS, check_sampling
+from preflens.diagnostics.reward_std import GRAD_METHODS, SAMPLERS, check_sampling
 from preflens.errors import PreflensError
+from preflens.training.runtime import parse_report_to
 
 __all__ = ["RFTConfig", "validate_rft_config"]
 
@@ -68,6 +69,13 @@ class RFTConfig:
     """How per-prompt gradient norms are computed: `auto` | `gram` (one batched backward with Gram
     hooks) | `loop` (one backward per prompt); see `reward_std.policy_gradient_norms`."""
 
+    # --- trackers and the sampler ---
+    report_to: str = "tensorboard"
+    """Trackers, comma-separated: tensorboard, wandb, mlflow, or none (`runtime.parse_report_to`)."""
+    sampler: str = "hf"
+    """`hf` (transformers `generate`, batched, with the model's KV cache) or `vllm` (where it is installed;
+    the policy's weights are loaded into the vLLM engine before each sampling)."""
+
 
 def validate_rft_config(config: RFTConfig, rows: Sequence[PromptRow]) -> None:
     """Refuse settings with no meaning, naming the flag, before the run directory is touched."""
@@ -85,6 +93,9 @@ def validate_rft_config(config: RFTConfig, rows: Sequence[PromptRow]) -> None:
         raise PreflensError(f"--optimizer must be adamw or sgd, got {config.optimizer!r}")
     if config.grad_method not in GRAD_METHODS:
         raise PreflensError(f"--grad-method must be auto, loop or gram, got {config.grad_method!r}")
+    if config.sampler not in SAMPLERS:
+        raise PreflensError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {config.sampler!r}")
+    parse_report_to(config.report_to)
     if config.max_new_tokens < 1:
         raise PreflensError("--max-new-tokens must be >= 1")
     check_sampling(temperature=config.temperature, top_p=config.top_p, std_threshold=config.std_threshold)

@@ -128,6 +128,7 @@ def _sample_and_score(
     state: LoopState,
     config: RFTConfig,
     reward: Reward,
+    sampler: Any = None,
 ) -> tuple[list[int], Samples, torch.Tensor]:
     """The step's prompts, their K samples each and the [P, K] rewards.
 
@@ -145,6 +146,7 @@ def _sample_and_score(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
+            sampler=sampler,
         )
         group = [i // config.k for i in range(len(samples.completions))]
         values = score(
@@ -182,11 +184,13 @@ def rft_step(
     reward: Reward,
     ref_model: nn.Module | None,
     device: torch.device,
+    sampler: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One RLOO step over `prompts_per_step` prompts; returns the metrics row and per-prompt rows."""
+    """One RLOO step over `prompts_per_step` prompts; returns the metrics row and per-prompt rows
+    (`sampler`: `reward_std.make_sampler`'s, None for transformers' generate)."""
     t0 = time.perf_counter()
     k = config.k
-    idx, samples, rewards = _sample_and_score(model, tokenizer, rows, encoded, state, config, reward)
+    idx, samples, rewards = _sample_and_score(model, tokenizer, rows, encoded, state, config, reward, sampler)
     mean, std = reward_mean_std(rewards)
     ref_logps = _reference_logps(ref_model, samples, device) if ref_model is not None else None
     weights: list[torch.Tensor] = []

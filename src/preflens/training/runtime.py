@@ -9,6 +9,7 @@ loops each had their own copy of "remember the RNG at the step's start, rewind o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import threading
@@ -22,11 +23,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 
-from preflens.errors import RunDirError
+from preflens.errors import PreflensError, RunDirError
 from preflens.tracking import prepare_run_dir
 
 __all__ = [
+    "TRACKERS",
+    "parse_report_to",
     "make_accelerator",
+    "init_trackers",
     "prepare_run_dir_on_all",
     "seed_everything",
     "Terminated",
@@ -36,21 +40,42 @@ __all__ = [
 ]
 
 
-def _tensorboard_available() -> bool:
-    for name in ("tensorboard", "tensorboardX"):
-        try:
-            __import__(name)
-            return True
-        except ImportError:
-            continue
-    return False
+TRACKERS: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+}
+"""accelerate's tracker names preflens supports, and the modules that provide each (any one will do)."""
+
+
+def parse_report_to(value: str | list[str] | None) -> list[str]:
+    """`--report-to`: a comma-separated list of tensorboard, wandb, mlflow, or `none` -> the trackers.
+
+    Refuses, in one line, an unknown name and a tracker whose package is not installed (naming the extra
+    that installs it: `pip install 'preflens[wandb]'`).
+    """
+    parts = value if isinstance(value, list) else str(value or "none").split(",")
+    names = list(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+    if names in ([], ["none"]):
+        return []
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise PreflensError(
+            f"--report-to: unknown tracker {', '.join(map(repr, bad))}; expected a comma-separated list of "
+            f"{', '.join(TRACKERS)}, or none"
+        )
+    for name in names:
+        if not any(importlib.util.find_spec(m) is not None for m in TRACKERS[name]):
+            extra = f"pip install 'preflens[{name}]'" if name != "tensorboard" else "pip install tensorboard"
+            raise PreflensError(f"--report-to {name}: the {name} package is not installed ({extra})")
+    return names
 
 
 def make_accelerator(
     run_dir: str | Path | None = None,
     *,
     mixed_precision: str = "no",
-    report_to: str = "none",
+    report_to: str | list[str] = "none",
     split_batches: bool = False,
 ) -> Any:
     """An `accelerate.Accelerator` for one run.
@@ -60,14 +85,15 @@ def make_accelerator(
       process group (where it would forget the group).
     - Under `torchrun`/`accelerate launch` on a machine without CUDA, accelerate only picks the gloo
       (MULTI_CPU) backend when told `cpu=True`; otherwise every process would think it is alone.
-    - `report_to="tensorboard"` logs to `<run_dir>/tb` when tensorboard (or tensorboardX) is installed.
+    - `report_to` (`parse_report_to`): accelerate's trackers; TensorBoard logs to `<run_dir>/tb`, wandb and
+      MLflow as `init_trackers` sets them up. They start at `init_trackers`, not here.
     - `split_batches=True`: the prepared dataloader's batch is the *global* batch, split across processes
       (the preference trainer's `--batch-size` contract).
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    log_with = "tensorboard" if report_to == "tensorboard" and _tensorboard_available() else None
+    log_with = parse_report_to(report_to) or None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict[str, Any] = {}
     if run_dir is not None:
@@ -82,6 +108,47 @@ def make_accelerator(
         log_with=log_with,
         **kwargs,
     )
+
+
+def init_trackers(
+    accelerator: Any,
+    project: str,
+    config: dict[str, Any],
+    run_dir: str | Path,
+    *,
+    resume_step: int | None = None,
+) -> None:
+    """Start the accelerator's trackers for the run in `run_dir` (nothing when it has none).
+
+    - tensorboard: `<run_dir>/tb`; on resume it drops the events logged after the checkpoint (`purge_step`),
+      as metrics.jsonl does.
+    - wandb: the run's files in `<run_dir>/wandb` (`WANDB_MODE=offline` keeps them local; `wandb sync`
+      uploads them later), named after the run directory; a resumed run is a new wandb run.
+    - mlflow: a local file store `<run_dir>/mlruns` unless `MLFLOW_TRACKING_URI` names a server or store.
+    Only scalar settings go into the trackers' configuration. The values are `RunTracker.log`'s: every
+    numeric metrics.jsonl key `k` of split `s` as `s/k` at the row's step.
+    """
+    if not accelerator.log_with:
+        return
+    run_dir = Path(run_dir)
+    names = [str(t) for t in accelerator.log_with]
+    kw: dict[str, dict[str, Any]] = {}
+    name = run_dir.resolve().name + (f" (resumed at step {resume_step})" if resume_step else "")
+    if "tensorboard" in names and resume_step is not None:
+        kw["tensorboard"] = {"purge_step": resume_step + 1}
+    if "wandb" in names:
+        kw["wandb"] = {"dir": str(run_dir), "name": name}
+    if "mlflow" in names:
+        if not os.environ.get("MLFLOW_TRACKING_URI") and accelerator.is_main_process:
+            import mlflow
+
+            # MLflow 3 keeps its file store in maintenance mode behind this switch; a local, server-less
+            # store in the run directory is what a training run without MLFLOW_TRACKING_URI wants
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+        kw["mlflow"] = {"run_name": name}
+    scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(project, config=scalars, init_kwargs=kw)
 
 
 def prepare_run_dir_on_all(accelerator: Any, run_dir: Path, *, overwrite: bool, resume: bool) -> None:

@@ -77,6 +77,7 @@ from preflens.training.probes import ProbeCallback
 from preflens.training.reference import load_or_compute_reference
 from preflens.training.runtime import (
     StepGuard,
+    init_trackers,
     make_accelerator,
     prepare_run_dir_on_all,
     seed_everything,
@@ -254,11 +255,8 @@ class Trainer:
         elif acc.is_main_process:
             write_config(self.run_dir, resolved)
             (self.run_dir / DATA_REPORT_FILE).write_text(json.dumps(self.data_reports, indent=2, default=str))
-        if acc.log_with:
-            hp = {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
-            # on resume TensorBoard drops the events logged after the checkpoint (as metrics.jsonl does)
-            kw = {"tensorboard": {"purge_step": self.state.step + 1}} if cfg.resume else {}
-            acc.init_trackers("preflens", config=hp, init_kwargs=kw)
+        resume_step = self.state.step if cfg.resume else None  # TensorBoard drops later events on resume
+        init_trackers(acc, "preflens", resolved, self.run_dir, resume_step=resume_step)  # --report-to
 
     # -- the step -------------------------------------------------------------------------------
 
