@@ -6,6 +6,17 @@ own activation-only backward, and `StepGramCapture` riding on a training step's 
 directly by `preflens.diagnostics.reward_std`. Captures can nest: the `normalized` loss asks for
 gradient norms (a standalone pass) inside a training step whose step capture is active on the same
 modules. `ActiveCaptures` holds that state explicitly: the captures entered and not yet removed.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`): a sharded module holds DTensor shards outside its forward and
+swaps in gathered (unsharded) parameters for its forward and backward, so the Parameter objects a hook sees
+are not the ones `model.named_parameters()` listed. A parameter is therefore tracked by its place (module,
+attribute) and the objects seen in a forward are aliased to it. The hooks read the layer's input and
+output-gradient, which each rank holds in full for its own micro-batch, and build the per-sequence parts
+from those while the layer is gathered: the Gram of a rank's sequences needs no cross-rank reduction (no
+weight gradient, sharded or gathered, is ever read). The root module's own parameters (embeddings, final
+norm, head) are gathered for the capture's lifetime, because `preflens.logprobs.sequence_logps` calls the
+decoder and the head directly, not through the root's forward. Fused weight gradients (`fuse_grads`) are
+switched off under FSDP2: FSDP's reduce-scatter runs on autograd's gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from preflens.grad.errors import GramError
 from preflens.grad.kernels import STRATEGIES, Strategy, param_gram
@@ -159,15 +171,20 @@ class GramCapture:
         self.anchor: Tensor | None = None
         self.anchors: list[Tensor] = []
         self.use_anchor = anchor  # standalone: this capture drives its own activation-only backward
-        self.fuse_grads = fuse_grads
+        self.fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
+        # FSDP2 reduce-scatters autograd's weight gradients: the hooks cannot write them instead
+        self.fuse_grads = fuse_grads and not self.fsdp
+        self.alias: dict[int, int] = {}  # id of a Parameter object seen in a forward -> the selected one's id
+        self._gathered_root = False
         self.saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self.hooked = self._plan()
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _plan(self) -> list[tuple[nn.Module, Rule, list[tuple[str, nn.Parameter]]]]:
-        """Which modules to hook with which rule; refuse parameters that no exact rule covers."""
-        hooked: list[tuple[nn.Module, Rule, list[tuple[str, nn.Parameter]]]] = []
+    def _plan(self) -> list[tuple[nn.Module, Rule, list[tuple[str, str, nn.Parameter]]]]:
+        """Which modules to hook with which rule, as (module, rule, [(name, attribute, parameter)]);
+        refuse parameters that no exact rule covers."""
+        hooked: list[tuple[nn.Module, Rule, list[tuple[str, str, nn.Parameter]]]] = []
         unsupported: list[str] = []
         for mname, m in self.model.named_modules():
             own = [(pn, p) for pn, p in m._parameters.items() if p is not None and id(p) in self.selected]
@@ -182,7 +199,7 @@ class GramCapture:
                 label = f"{mname}.{own[0][0]}" if mname else own[0][0]
                 unsupported.append(f"{label} ({reason})")
                 continue
-            hooked.append((m, rule, [(self.selected[id(p)][0], p) for _, p in own]))
+            hooked.append((m, rule, [(self.selected[id(p)][0], pn, p) for pn, p in own]))
         if unsupported:
             raise _unsupported_error(unsupported)
         return hooked
@@ -208,6 +225,14 @@ class GramCapture:
             if emb is None:
                 raise GramError("sequence_gram needs a model with get_input_embeddings() (a causal LM)")
             self.handles.append(emb.register_forward_hook(self._anchor_hook, prepend=True))
+        if isinstance(self.model, FSDPModule):
+            # the root's own parameters (embeddings, final norm, head): sequence_logps calls the decoder
+            # and the head directly, so the root's pre-forward hook, which would gather them, does not run
+            state = self.model._get_fsdp_state()  # type: ignore[operator]
+            if getattr(state, "_is_root", False) is None:
+                state._lazy_init()  # no forward ran yet: make the model the root before a layer claims it
+            self.model.unshard()
+            self._gathered_root = True
         for m, rule, own in self.hooked:
             self.handles.append(
                 m.register_forward_hook(
@@ -226,6 +251,9 @@ class GramCapture:
         for p, rg in self.saved_requires_grad:
             p.requires_grad_(rg)
         self.saved_requires_grad = []
+        if self._gathered_root:
+            self._gathered_root = False
+            self.model.reshard()  # type: ignore[operator]
         self.active_captures.leave(self)
 
     # -- forward -----------------------------------------------------------------------------
@@ -250,7 +278,7 @@ class GramCapture:
         return out + self.anchor
 
     def _fwd(
-        self, module: nn.Module, rule: Rule, own: list[tuple[str, nn.Parameter]], args: Any, out: Any
+        self, module: nn.Module, rule: Rule, planned: list[tuple[str, str, nn.Parameter]], args: Any, out: Any
     ) -> Tensor | None:
         if not self._recording():
             return None
@@ -258,6 +286,12 @@ class GramCapture:
             raise GramError(f"{type(module).__name__}: expected a tensor positional input and output")
         x = args[0]
         replaced = None
+        # the Parameter objects of this call (FSDP2: the gathered ones), aliased to the selected parameters
+        own: list[tuple[str, nn.Parameter]] = []
+        for name, attr, p in planned:
+            cur = module._parameters[attr]
+            self.alias[id(cur)] = id(p)
+            own.append((name, cur))  # type: ignore[arg-type]
         saved = rule.save(module, x, out)
         if rule.anchored and (self.use_anchor or self.fuse_grads):
             # Every embedding output gets a zero anchor: a branch that does not depend on the input
@@ -282,7 +316,7 @@ class GramCapture:
             lead = (self.n, self.t)
         seg = self.rows.attribute(module, lead, x, per_head=rule.per_head)
         call = Call(module, x.detach(), seg, own, saved)
-        for _, p in own:
+        for _, _, p in planned:
             self.states[id(p)].pending += 1
             self.uses[id(p)] += 1
         self.calls.append(call)
@@ -307,7 +341,7 @@ class GramCapture:
                     continue
                 var = getattr(nxt, "variable", None)
                 if var is not None:
-                    edges[id(var)] += 1
+                    edges[self.alias.get(id(var), id(var))] += 1
                 elif id(nxt) not in seen:
                     seen.add(id(nxt))
                     stack.append(nxt)
@@ -325,13 +359,13 @@ class GramCapture:
             return
         call.done = True
         for p, part in rule.parts(call, grad, self.rows):
-            st = self.states[id(p)]
+            st = self.states[self.alias.get(id(p), id(p))]
             if isinstance(part, Outer):
                 st.outers.append(part)
             else:
                 st.vector = part if st.vector is None else st.vector + part
         for _, p in call.params:
-            st = self.states[id(p)]
+            st = self.states[self.alias.get(id(p), id(p))]
             st.pending -= 1
             if st.pending == 0:
                 self._flush(st)

@@ -137,6 +137,12 @@ class TrainConfig:
         "Pack each batch's sequences into one row (no padding computed; exact, checked on the model at "
         "start). Pays off with flash-attention; under sdpa/eager attention cost grows with the packed length.",
     )
+    # --- FSDP2 (issue 14: training/fsdp.py)
+    fsdp: bool = _opt(
+        False,
+        "Shard the policy with FSDP2 (torch fully_shard: one unit per decoder layer plus the root) across the "
+        "processes of torchrun/accelerate launch, on CPUs (gloo) or GPUs; implied by an accelerate FSDP config.",
+    )
     seed: int = _opt(0, "Seed for data order, LoRA init and dropout.")
 
     # --- logging, evaluation, checkpoints

@@ -9,6 +9,7 @@ gradients itself (fused step statistics), DDP's hooks never fire and `all_reduce
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,14 @@ from accelerate.utils import DistributedType
 
 from preflens.logprobs import sequence_logps
 
-__all__ = ["all_reduce_mean_grads", "lean_logps_module", "through_forward", "is_distributed", "is_ddp_like"]
+__all__ = [
+    "all_reduce_mean_grads",
+    "grad_sync",
+    "lean_logps_module",
+    "through_forward",
+    "is_distributed",
+    "is_ddp_like",
+]
 
 
 def is_distributed(accelerator: Any) -> bool:
@@ -105,3 +113,14 @@ def through_forward(model: Any) -> Any:
             return self.inner(**kwargs)
 
     return ThroughForward(model)
+
+
+def grad_sync(accelerator: Any, wrapped: Any, sync: bool, sharded: bool) -> Any:
+    """The context of one micro-batch's backward: gradients cross processes only when `sync` (the last
+    micro-batch of a step). DDP: `no_sync` otherwise; FSDP2: its reduce-scatter switched off instead."""
+    if accelerator.num_processes == 1 or (sync and not sharded):
+        return contextlib.nullcontext()
+    if sharded:
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return accelerator.no_sync(wrapped)

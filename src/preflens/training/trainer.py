@@ -59,12 +59,14 @@ from preflens.tracking import (
     write_config,
 )
 from preflens.training import checkpoint as ckpt
+from preflens.training import fsdp
 from preflens.training.attribution import AttributionCallback
 from preflens.training.callbacks import TrainerCallback, TrainerState
 from preflens.training.config import TrainConfig, resolve_loss_kwargs
 from preflens.training.data_setup import read_pairs, tokenize_splits
 from preflens.training.distributed import (
     all_reduce_mean_grads,
+    grad_sync,
     is_ddp_like,
     is_distributed,
     lean_logps_module,
@@ -161,6 +163,9 @@ class Trainer:
         raw = read_pairs(cfg, self.run_dir, self.say)  # a bad file fails before a large model is loaded
         parts = build_model(cfg, self.loss_kwargs, self._model_in, self._tokenizer_in)
         self.model, self.tokenizer, self.mask_head = parts.model, parts.tokenizer, parts.mask_head
+        self.fsdp = fsdp.wants_fsdp(cfg, self.accelerator)
+        if self.fsdp:  # FSDP2: sharded before the optimizer sees the parameters (training/fsdp.py)
+            fsdp.shard_policy(self.model, self.mask_head, self.accelerator)
         data = tokenize_splits(cfg, raw, self.tokenizer, self.accelerator.num_processes)
         self.train_items, self.eval_items, self.train_subset = data.train_items, data.eval_items, data.train_subset  # fmt: skip
         self.data_reports = data.reports
@@ -217,24 +222,25 @@ class Trainer:
 
     def _prepare(self, loader: DataLoader) -> None:
         """accelerate.prepare; under DDP it wraps `lean_logps_module(model)` (the lean forward survives)
-        and `self.model` stays the bare model (probes, saving, no-grad passes)."""
+        and `self.model` stays the bare model (probes, saving, no-grad passes); FSDP2: `fsdp.prepare_sharded`."""
         acc = self.accelerator
         self._ddp = None
-        lean = is_ddp_like(acc)
-        first = lean_logps_module(self.model) if lean else self.model
-        objs = [first] + ([self.mask_head] if self.mask_head is not None else [])
-        prepared = acc.prepare(*objs, self.optimizer, loader, self.scheduler)
-        if self.mask_head is not None:
-            self.mask_head = prepared[1]
-        self.optimizer, self.train_loader, self.scheduler = prepared[-3:]
-        if lean:
-            self._ddp = prepared[0]
-        else:
-            self.model = prepared[0]
-        acc.register_for_checkpointing(self.state)
         self._adapter_ckpt = is_peft(acc.unwrap_model(self.model))
-        if self._adapter_ckpt:
-            acc.register_save_state_pre_hook(ckpt.adapter_only_hook(acc, lambda: self.model))
+        if self.fsdp:
+            args = (self.model, self.optimizer, self.scheduler, loader, self._adapter_ckpt)
+            self.train_loader = fsdp.prepare_sharded(acc, *args)
+        else:
+            lean = is_ddp_like(acc)
+            first = lean_logps_module(self.model) if lean else self.model
+            objs = [first] + ([self.mask_head] if self.mask_head is not None else [])
+            prepared = acc.prepare(*objs, self.optimizer, loader, self.scheduler)
+            if self.mask_head is not None:
+                self.mask_head = prepared[1]
+            self.optimizer, self.train_loader, self.scheduler = prepared[-3:]
+            self._ddp, self.model = (prepared[0], self.model) if lean else (None, prepared[0])
+            if self._adapter_ckpt:
+                acc.register_save_state_pre_hook(ckpt.adapter_only_hook(acc, lambda: self.model))
+        acc.register_for_checkpointing(self.state)
         self.guard = StepGuard([self.optimizer])
         self.tracker = RunTracker(self.run_dir, acc)
 
@@ -262,19 +268,17 @@ class Trainer:
 
     def _forward_module(self) -> Any:
         """What `sequence_logps` runs: the bare model in one process (the lean path), else the wrapped
-        model through its own forward (`distributed.through_forward`)."""
+        model through its own forward (`distributed.through_forward`); FSDP2: the decoder through the root's
+        call (`fsdp.ThroughRoot`)."""
+        if getattr(self, "fsdp", False):
+            return fsdp.ThroughRoot(self.model)
         if is_distributed(self.accelerator) and getattr(self, "_ddp", None) is None:
             return through_forward(self.model)
         return self.accelerator.unwrap_model(self.model)
 
     def forward_batch(self, batch: dict[str, Any], split: str = "train") -> Scored:
         """Policy log-probs of a batch (one forward over chosen+rejected), its PairLogps and per-pair loss."""
-        ids, am, rm, pid = (
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["response_mask"],
-            batch["pair_index"],
-        )
+        ids, am, rm, pid = (batch[k] for k in ("input_ids", "attention_mask", "response_mask", "pair_index"))
         norms = None
         if self.needs_grad_norms:
             # Normalized PO (Yuan et al. 2024, arXiv 2410.13828, Sec. 5.1) divides by |grad log pi(y)| per
@@ -308,8 +312,7 @@ class Trainer:
         """Forward and backward of one micro-batch; returns its gathered per-pair statistics."""
         acc = self.accelerator
         wrapped = self._ddp if self._ddp is not None else self.model
-        ddp_syncs = last and not self.manual_grad_sync
-        sync = contextlib.nullcontext() if (ddp_syncs or acc.num_processes == 1) else acc.no_sync(wrapped)
+        sync = grad_sync(acc, wrapped, last and (self.fsdp or not self.manual_grad_sync), self.fsdp)
         with contextlib.ExitStack() as stack:
             stack.enter_context(sync)
             for cb in self.callbacks:
@@ -343,7 +346,7 @@ class Trainer:
         parts = [
             self._micro_batch(next(self._batches), k == cfg.grad_accum - 1) for k in range(cfg.grad_accum)
         ]
-        if self.manual_grad_sync and acc.num_processes > 1:
+        if self.manual_grad_sync and acc.num_processes > 1 and not self.fsdp:  # FSDP2: never fused
             all_reduce_mean_grads([p for p in self.model.parameters() if p.requires_grad])
         stats = torch.cat(parts).cpu()  # one device-to-host copy; metrics are computed on the host
         col = {name: stats[:, i] for i, name in enumerate(STAT_COLS)}
@@ -355,7 +358,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.mask_head is not None:
             params += list(self.mask_head.parameters())
-        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+        clip = fsdp.clip_grad_norm if self.fsdp else acc.clip_grad_norm_
+        grad_norm = clip(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
@@ -381,12 +385,8 @@ class Trainer:
         """The train row of a finished step (without callbacks' extra keys)."""
         state = self.state
         metrics = run_metrics(out["stats"], beta=self._beta(), fell_tol=self.fell_tol)
-        metrics.update(
-            lr=out["lr"],
-            grad_norm=out["grad_norm"],
-            epoch=(state.epoch * self.batches_per_epoch + state.batch_in_epoch) / self.batches_per_epoch,
-            tokens=state.tokens,
-        )
+        epoch = (state.epoch * self.batches_per_epoch + state.batch_in_epoch) / self.batches_per_epoch
+        metrics.update(lr=out["lr"], grad_norm=out["grad_norm"], epoch=epoch, tokens=state.tokens)
         return metrics
 
     def _on_interrupt(self, pending_row: dict[str, Any] | None) -> None:
@@ -439,14 +439,8 @@ class Trainer:
             ref = self.reference.rows(split)
             rows += pair_rows(step, split, per_pair, ref)
             if split == "eval":
-                cols = eval_columns(
-                    per_pair,
-                    ref,
-                    self.loss_fn,
-                    needs_tokens=self.needs_tokens,
-                    needs_grad_norms=self.needs_grad_norms,
-                    loss_kwargs=self.loss_kwargs,
-                )
+                kw = dict(needs_tokens=self.needs_tokens, needs_grad_norms=self.needs_grad_norms)
+                cols = eval_columns(per_pair, ref, self.loss_fn, loss_kwargs=self.loss_kwargs, **kw)
                 metrics = run_metrics(cols, beta=self._beta(), fell_tol=self.fell_tol)
                 metrics["n_pairs"] = len(per_pair)
                 self.tracker.log({"step": step, "split": "eval", **metrics})
@@ -539,7 +533,8 @@ class Trainer:
             finally:
                 bar.close()
                 self.tracker.flush()
-        ckpt.save_final(acc, self.model, self.tokenizer, self.mask_head, self.run_dir)
+        save_final = fsdp.save_full if self.fsdp else ckpt.save_final
+        save_final(acc, self.model, self.tokenizer, self.mask_head, self.run_dir)
         for cb in self.callbacks:
             cb.on_train_end(self, state)
         self.tracker.close()

@@ -1,0 +1,147 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) on 2 CPU processes (torchrun, gloo) against 1 unsharded one.
+
+- `sequence_gram` and the probe's per-pair rows (`ProbeRunner`) of each rank's own micro-batch, with the
+  tiny Llama sharded by `preflens.training.fsdp.shard_model` (untied and tied embeddings, LoRA), equal the
+  values of the unsharded model in this process (1e-5 relative). The references are computed here, in one
+  process, with no FSDP in the picture; that the model really was sharded is checked (DTensor parameters).
+- A 3-step `--fsdp` training run with `--step-entanglement` trains the parameters the 1-process run trains
+  and logs the same metrics.jsonl rows (train, eval, entanglement keys), as tests/test_multiprocess.py
+  checks for DDP.
+- Resume under FSDP2 after Ctrl-C inside step 2 (every rank; a sharded DCP checkpoint of step 1) ends where the
+  uninterrupted FSDP2 run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_multiprocess import _config, _free_port, _rows, _weights, _write_inputs
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+SCRIPT = Path(__file__).with_name("_fsdp_script.py")
+sys.path.insert(0, str(SCRIPT.parent))
+GRAM_RTOL = 1e-5
+PARAM_ATOL = 1e-5  # as test_multiprocess.py: AdamW steps of 1e-3, float32 summation order
+METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-5
+
+
+def _torchrun(*args: str, ok: tuple[int, ...] = (0,)) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["ACCELERATE_USE_CPU"] = "true"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    proc = subprocess.run(cmd + [str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in ok, (
+        f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return proc.stderr
+
+
+def _one_process(*args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"1-process run failed:\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_gram_and_probe_rows_match_unsharded(tmp_path, variant):
+    from _fsdp_script import build, fsdp_batch, local_values, rank_slice
+
+    _torchrun("gram", str(tmp_path), variant)
+    model = build(variant)
+    n_params = len(list(model.parameters()))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["dtensors"] == n_params, "the model was not sharded (its parameters are not all DTensors)"
+        ref = local_values(model, rank_slice(fsdp_batch(), rank))
+        g_ref, g = (
+            torch.tensor(ref["gram"], dtype=torch.float64),
+            torch.tensor(got["gram"], dtype=torch.float64),
+        )
+        assert g_ref.abs().max() > 0
+        err = float((g - g_ref).abs().max() / g_ref.abs().max())
+        assert err <= GRAM_RTOL, f"{variant} rank {rank}: sharded Gram off by {err:.3g} (relative)"
+        # the two ranks' micro-batches differ, so matching its own slice is not matching any slice
+        assert len(got["rows"]) == len(ref["rows"]) == 2
+        checked = 0
+        for row_ref, row in zip(ref["rows"], got["rows"]):
+            for k, v in row_ref.items():
+                if isinstance(v, float) and v == v:
+                    assert row[k] == pytest.approx(v, rel=GRAM_RTOL, abs=1e-7), f"{variant} rank {rank} {k}"
+                    checked += 1
+        assert checked >= 10
+    other = json.loads((tmp_path / "rank1.json").read_text())["gram"]
+    assert other != json.loads((tmp_path / "rank0.json").read_text())["gram"]
+
+
+def _cfg(tmp_path: Path, name: str, **over) -> Path:
+    mdir, data = (tmp_path / "model", tmp_path / "pairs.jsonl")
+    if not mdir.exists():
+        _write_inputs(tmp_path)
+    cfg = dict(_config(mdir, data, tmp_path / name), probe_every=0, step_entanglement=True, **over)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _compare_runs(a: Path, b: Path) -> int:
+    w1, w2 = _weights(a), _weights(b)
+    assert w1.keys() == w2.keys()
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst <= PARAM_ATOL, f"{b.name} weights differ from {a.name} by {worst:.3g}"
+    r2 = {(r["split"], r["step"]): r for r in _rows(b)}
+    checked = 0
+    for row in _rows(a):
+        twin = r2[(row["split"], row["step"])]
+        for k, v in row.items():
+            if k in ("step", "split") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            assert twin[k] == pytest.approx(v, rel=METRIC_RTOL, abs=METRIC_ATOL, nan_ok=True), (
+                row["step"],
+                k,
+            )
+            checked += 1
+    return checked
+
+
+def test_fsdp_training_matches_one_process_and_resumes(tmp_path):
+    one, sharded = _cfg(tmp_path, "run1"), _cfg(tmp_path, "run2", fsdp=True)
+    _one_process("train", str(one))
+    _torchrun("train", str(sharded))
+    assert "fsdp: true" in (tmp_path / "run2" / "config.yaml").read_text()
+    assert (tmp_path / "run2" / "checkpoints" / "step-3" / "pytorch_model_fsdp_0").is_dir()
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(next((tmp_path / "model").glob("*.safetensors"))))
+    w1 = _weights(tmp_path / "run1")
+    assert max(float((w1[k] - w0[k]).abs().max()) for k in w1 if k in w0) > 1e-3
+    checked = _compare_runs(tmp_path / "run1", tmp_path / "run2")
+    assert checked > 20
+    ent = [r for r in _rows(tmp_path / "run2") if "entanglement/cosine" in r]
+    assert len(ent) == 3, "--step-entanglement rows missing under FSDP2"
+
+    # Ctrl-C inside step 2 on every rank (rewound; step 1 checkpointed), then --resume: the sharded checkpoint resumes exactly
+    cut = _cfg(tmp_path, "run3", fsdp=True, interrupt_at=1, save_every=0)
+    # torchrun exits 1 when a worker fails; the workers exit 3 (the script's code for the interrupt)
+    err = _torchrun("train", str(cut), ok=(1,))
+    assert "exitcode  : 3" in err and "exitcode  : 1" not in err, err[-3000:]
+    assert (tmp_path / "run3" / "checkpoints" / "step-1" / "optimizer_0").is_dir()
+    assert not (tmp_path / "run3" / "final").exists()
+    resumed = _cfg(tmp_path, "run3", fsdp=True, resume=True, save_every=0)
+    _torchrun("train", str(resumed))
+    assert _compare_runs(tmp_path / "run2", tmp_path / "run3") > 20
