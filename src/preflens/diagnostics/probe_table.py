@@ -29,6 +29,8 @@ from preflens.diagnostics.entanglement import entanglement_from_gram, token_enta
 from preflens.diagnostics.probe_state import probe_rows
 from preflens.errors import PreflensError
 from preflens.grad import sequence_gram_and_logps
+from preflens.grad.api import gram_rows_per_run
+from preflens.grad.memory import memory_budget, resolve_budget
 from preflens.logprobs import split_pairs
 from preflens.losses import TOKEN_LEVEL_LOSSES, LossFn, get_loss
 
@@ -61,6 +63,33 @@ def _probe_batch(
     return rows
 
 
+def plan_probe_memory(
+    lm: Any, items: list[Any], batch_size: int, token_ids: set[int], budget: int
+) -> dict[str, Any]:
+    """Plan every Gram pass of the probe against `budget` from the shapes, before the first one runs:
+    the largest batch (2 x batch_size rows) and, per token-level pair, its one-row-per-response-token
+    pass. Returns the estimated peak extra bytes and the chunking; raises `MemoryBudgetError` naming the
+    layer, the shape and the bytes when even two rows of a pass cannot fit."""
+
+    longest = max(it.length for it in items)
+    n_rows = min(2 * batch_size, 2 * len(items))
+    rows, est = gram_rows_per_run(lm, [longest] * n_rows, max_memory=budget, what="probe batch")
+    plan: dict[str, Any] = {"budget_bytes": budget, "batch_rows_per_pass": rows, "estimate_bytes": est.total}
+    for it in items:
+        if it.pair_id not in token_ids:
+            continue
+        # token_gram: one row per response token, the row cut after that token
+        p = len(it.prompt_ids)
+        lens = [p + j + 1 for j in range(len(it.chosen_ids))] + [
+            p + j + 1 for j in range(len(it.rejected_ids))
+        ]
+        t_rows, t_est = gram_rows_per_run(lm, lens, max_memory=budget, what=f"token-level pair {it.pair_id}")
+        plan["estimate_bytes"] = max(plan["estimate_bytes"], t_est.total)
+        plan.setdefault("token_rows", {})[it.pair_id] = len(lens)
+        plan.setdefault("token_rows_per_pass", {})[it.pair_id] = t_rows
+    return plan
+
+
 def run_probe(
     *,
     data: Path,
@@ -83,6 +112,7 @@ def run_probe(
     chosen_field: str = "chosen",
     rejected_field: str = "rejected",
     on_invalid: str = "error",
+    max_memory: int | None = None,
     _model_obj: Any = None,
 ) -> dict[str, Any]:
     """Measure every pair of `data` (up to `max_pairs`), write the per-pair parquet, return a summary.
@@ -90,6 +120,8 @@ def run_probe(
     `data_split`, the `*_field` names and `on_invalid` are `load_pairs`'s; `max_length`,
     `max_prompt_length` and `chat_template` tokenize as `preflens train` does, so the probed
     sequences are the ones a run trains on. `token_level` N measures the N lowest pair ids.
+    `max_memory` (bytes; None: half the free memory): every Gram pass is planned against it before the
+    first one runs (`preflens.grad.memory`): chunked to fit, or refused up front naming layer, shape, bytes.
     """
     if Path(output).suffix.lower() != ".parquet":
         raise PreflensError(f"--output {output}: the per-pair table is parquet; name it *.parquet")
@@ -134,15 +166,19 @@ def run_probe(
     # the token-level contrast (one forward row per response token) for the first N pairs by id;
     # the batches below are sorted by length, so "the first N batch rows" would be the N shortest
     token_ids = set(sorted(it.pair_id for it in items)[: max(token_level, 0)])
-    for start in range(0, len(items), batch_size):
-        batch = collate_pairs(items[start : start + batch_size], pad)
-        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        rows.extend(_probe_batch(lm, batch, loss_fn, lr, token_ids))
+    budget = resolve_budget(max_memory, dev)
+    plan = plan_probe_memory(lm, items, batch_size, token_ids, budget)  # refuses before any pass runs
+    with memory_budget(budget):
+        for start in range(0, len(items), batch_size):
+            batch = collate_pairs(items[start : start + batch_size], pad)
+            batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            rows.extend(_probe_batch(lm, batch, loss_fn, lr, token_ids))
     df = pd.DataFrame(rows).sort_values("pair_id", kind="stable").reset_index(drop=True)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(output, index=False)
     out = summarize_probe_table(df, loss, output)
+    out["memory"] = plan
     if load_report.n_dropped:
         out["invalid_rows_dropped"] = dict(load_report.dropped)
     if tok_report.n_dropped:

@@ -22,15 +22,95 @@ from torch import Tensor, nn
 from preflens.grad.capture import GramCapture
 from preflens.grad.errors import GramError
 from preflens.grad.kernels import Strategy
+from preflens.grad.memory import (
+    MAX_PASSES,
+    MemoryBudgetError,
+    MemoryEstimate,
+    estimate_gram_memory,
+    human,
+    plan_rows,
+    resolve_budget,
+)
 from preflens.logprobs import sequence_logps
 
 __all__ = [
     "StepGramCapture",
+    "gram_rows_per_run",
+    "row_lengths",
     "sequence_grad_norms",
     "sequence_gram",
     "sequence_gram_and_logps",
     "token_gram",
 ]
+
+
+def row_lengths(attention_mask: Tensor, response_mask: Tensor) -> list[int]:
+    """Per row, the tokens a Gram pass runs over: up to the last attended or response position (right
+    padding), at least 1."""
+    t = attention_mask.shape[1]
+    pos = torch.arange(1, t + 1, device=attention_mask.device)
+    used = ((attention_mask != 0) | response_mask.bool()) * pos
+    return [max(1, int(x)) for x in used.max(1).values.tolist()] if t else [1] * attention_mask.shape[0]
+
+
+def gram_rows_per_run(
+    model: nn.Module,
+    lengths: list[int],
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    max_memory: int | str | None = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    what: str = "sequence_gram",
+) -> tuple[int, MemoryEstimate]:
+    """How many of these rows one Gram pass may take under the budget, and the estimate of such a pass
+    (its longest rows: the worst chunk). Raises `MemoryBudgetError` (one line: layer, shape, bytes) when
+    even two rows (one pair's chosen and rejected; one row if there is only one) cannot fit."""
+    budget = resolve_budget(max_memory, device)
+    sel = None if params is None else list(params)
+    worst = sorted(lengths, reverse=True)
+
+    def est(k: int) -> MemoryEstimate:
+        return estimate_gram_memory(model, worst[:k], params=sel, compute_dtype=compute_dtype)
+
+    n = len(lengths)
+    rows = plan_rows(est, n, budget, min_rows=min(2, n), what=what)
+    if rows < n:
+        m = -(-n // max(1, rows // 2))
+        passes = m * (m - 1) // 2
+        if passes > MAX_PASSES:
+            full = est(n)
+            raise MemoryBudgetError(
+                f"{what}: {n} rows of up to {worst[0]} tokens need {human(full.total)} at once "
+                f"({full.describe()}); under the memory budget of {human(budget)} that is {passes} passes of "
+                f"{rows} rows ({m - 1}x the compute), more than {MAX_PASSES}: refused. Lower --max-length, "
+                "--token-level or --batch-size, or raise --max-memory"
+            )
+    return rows, est(rows)
+
+
+def _blockwise(n: int, rows: int, lengths: list[int], run: Any) -> tuple[Tensor, Tensor]:
+    """The [N, N] Gram from passes over at most `rows` rows each: rows sorted by length are cut into
+    blocks of rows // 2, and each pair of blocks is one pass (the Gram of a subset of rows is that block
+    of the full Gram: rows do not interact). m blocks cost m (m - 1) / 2 passes; the result equals the
+    single pass up to float rounding."""
+    order = sorted(range(n), key=lambda i: lengths[i])
+    size = max(1, rows // 2)
+    blocks = [order[i : i + size] for i in range(0, n, size)]
+    gram: Tensor | None = None
+    logps: Tensor | None = None
+    for bi in range(len(blocks)):
+        for bj in range(bi + 1, len(blocks)):
+            idx = blocks[bi] + blocks[bj]
+            g, lp = run(idx)
+            if gram is None:
+                gram = g.new_zeros(n, n)
+                logps = lp.new_zeros(n)
+            where = torch.tensor(idx, device=g.device)
+            gram[where[:, None], where[None, :]] = g
+            logps[torch.tensor(idx, device=lp.device)] = lp  # type: ignore[index]
+    assert gram is not None and logps is not None
+    return gram, logps
 
 
 def sequence_gram_and_logps(
@@ -42,14 +122,55 @@ def sequence_gram_and_logps(
     *,
     strategy: Strategy = "auto",
     compute_dtype: torch.dtype = torch.float32,
+    max_memory: int | str | None = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """`sequence_gram` plus the summed log-probs [N] it differentiated (detached), from the same forward."""
+    """`sequence_gram` plus the summed log-probs [N] it differentiated (detached), from the same forward.
+
+    `max_memory` (bytes; "auto"/None: the innermost `grad.memory.memory_budget`, else half the free
+    memory): the peak extra memory is estimated from the shapes first (`grad.memory`); a batch over the
+    budget runs as passes over pairs of row blocks (same numbers), and one that cannot fit even two rows
+    is refused before anything runs."""
     shapes = [tuple(t.shape) for t in (input_ids, attention_mask, response_mask)]
     if input_ids.dim() != 2 or len(set(shapes)) != 1:
         raise GramError(
             "input_ids, attention_mask and response_mask must be [N, T] tensors of one shape; got "
             + ", ".join(str(s) for s in shapes)
         )
+    n = input_ids.shape[0]
+    lengths = row_lengths(attention_mask, response_mask)
+    sel = None if params is None else list(params)
+    rows, _ = gram_rows_per_run(
+        model, lengths, sel, max_memory=max_memory, compute_dtype=compute_dtype, device=input_ids.device
+    )
+    if rows >= n:
+        return _gram_pass(model, input_ids, attention_mask, response_mask, sel, strategy, compute_dtype)
+
+    def run(idx: list[int]) -> tuple[Tensor, Tensor]:
+        t = max(lengths[i] for i in idx)
+        rows_ = torch.tensor(idx, device=input_ids.device)
+        return _gram_pass(
+            model,
+            input_ids[rows_, :t],
+            attention_mask[rows_, :t],
+            response_mask[rows_, :t],
+            sel,
+            strategy,
+            compute_dtype,
+        )
+
+    return _blockwise(n, rows, lengths, run)
+
+
+def _gram_pass(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    params: Iterable[str | nn.Parameter] | None,
+    strategy: Strategy,
+    compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """One forward and one activation-only backward over all the rows."""
     rm = response_mask.bool()
     cap = GramCapture(
         model, attention_mask, rm, params, strategy=strategy, compute_dtype=compute_dtype, anchor=True
@@ -76,6 +197,7 @@ def sequence_gram(
     *,
     strategy: Strategy = "auto",
     compute_dtype: torch.dtype = torch.float32,
+    max_memory: int | str | None = "auto",
 ) -> Tensor:
     """[N, N] Gram matrix of the per-sequence gradients of the summed response log-probs.
 
@@ -84,6 +206,7 @@ def sequence_gram(
     Exact, from one forward and one activation-only backward (`preflens.grad`). Dropout follows the
     model's mode: call `model.eval()` first for the deterministic gradient the papers analyse.
     `strategy` forces the ghost or materialized form everywhere (default: cheaper per parameter).
+    `max_memory`: as `sequence_gram_and_logps`' (chunked under the budget, refused when two rows cannot fit).
     """
     return sequence_gram_and_logps(
         model,
@@ -93,6 +216,7 @@ def sequence_gram(
         params,
         strategy=strategy,
         compute_dtype=compute_dtype,
+        max_memory=max_memory,
     )[0]
 
 
@@ -116,6 +240,7 @@ def token_gram(
     params: Iterable[str | nn.Parameter] | None = None,
     *,
     max_tokens: int | None = None,
+    max_memory: int | str | None = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Gram of per-*token* gradients of the response tokens of a few sequences.
 
@@ -123,7 +248,9 @@ def token_gram(
     Each response token t of row s becomes its own sequence (the row truncated after t, with only t
     marked), so the sequence Gram of that batch is the token Gram. Returns (gram [K, K], owner [K, 2]
     = (row, response index)) with K the response tokens in row-major order (at most `max_tokens` per
-    row, the first ones). Costs K forward rows: for a probe pair, not for training.
+    row, the first ones). Costs K forward rows: for a probe pair, not for training. Under `max_memory`
+    (see `sequence_gram_and_logps`) the K rows run as passes over pairs of row blocks, never all at once
+    when they do not fit.
     """
     rows = []
     owner = []
@@ -145,7 +272,7 @@ def token_gram(
         ids[i, : t + 1] = input_ids[s, : t + 1]
         att[i, : t + 1] = 1
         rm[i, t] = True
-    g = sequence_gram(model, ids, att, rm, params)
+    g = sequence_gram(model, ids, att, rm, params, max_memory=max_memory)
     return g, torch.tensor(owner, dtype=torch.long)
 
 
