@@ -183,3 +183,17 @@ def test_not_an_rl_run(tmp_path):
 
     with pytest.raises(PreflensError, match="not an RL run directory"):
         load_rl_run(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+def test_rl_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    from _chromium import screenshot
+
+    path, _ = generate_rl_report(grpo_dir(tmp_path))
+    shot = screenshot(path, tmp_path / "shot.png", height=1600)
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 1600)
+    assert len(set(img.getdata())) > 16  # text and figures drawn, not a blank page
