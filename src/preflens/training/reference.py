@@ -20,7 +20,7 @@ import torch
 from preflens.data.collate import TokenizedPair
 from preflens.errors import RunDirError
 
-__all__ = ["REFERENCE_FILE", "ReferenceLogps", "fingerprint", "load_or_compute_reference"]
+__all__ = ["REFERENCE_FILE", "ReferenceLogps", "fingerprint", "load_or_compute_reference", "score_distinct"]
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -135,11 +135,43 @@ def load_or_compute_reference(
         )
     if rows is None:
         t0 = time.perf_counter()
-        rows = {"train": score(train_items), "eval": score(eval_items) if eval_items else {}}
+        rows, scored = score_distinct(score, train_items, eval_items)
         if is_main_process:
             torch.save({**rows, "tokens": with_tokens, "fingerprint": prints}, path)
+        shared = len(train_items) + len(eval_items) - scored
         say(
             f"reference log-probs of {len(train_items)} train + {len(eval_items)} eval pairs "
-            f"in {time.perf_counter() - t0:.1f}s (cached in {path.name})"
+            + (f"({scored} distinct: {shared} repeated pairs scored once) " if shared else "")
+            + f"in {time.perf_counter() - t0:.1f}s (cached in {path.name})"
         )
     return ReferenceLogps(rows, device, with_tokens)
+
+
+def _content(it: TokenizedPair) -> tuple[tuple[int, ...], ...]:
+    return (tuple(it.prompt_ids), tuple(it.chosen_ids), tuple(it.rejected_ids))
+
+
+def score_distinct(
+    score: Callable[[Sequence[TokenizedPair]], Rows],
+    train_items: Sequence[TokenizedPair],
+    eval_items: Sequence[TokenizedPair],
+) -> tuple[dict[str, Rows], int]:
+    """Reference rows of both splits with every distinct pair (same token ids) scored once: --eval-data
+    equal to (or overlapping) --data, or a file with repeated rows, costs no second pass. Returns the rows
+    and how many pairs were scored. Pair ids are per split (an eval file's row 3 is not train's row 3), so
+    pairs are matched by their token ids, never by id."""
+    known: dict[tuple, dict[str, Any]] = {}
+    out: dict[str, Rows] = {}
+    scored = 0
+    for split, items in (("train", train_items), ("eval", eval_items)):
+        todo: dict[tuple, TokenizedPair] = {}
+        for it in items:
+            key = _content(it)
+            if key not in known and key not in todo:
+                todo[key] = it
+        fresh = score(list(todo.values())) if todo else {}
+        scored += len(todo)
+        for key, it in todo.items():
+            known[key] = fresh[it.pair_id]
+        out[split] = {it.pair_id: dict(known[_content(it)]) for it in items}
+    return out, scored
