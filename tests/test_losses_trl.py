@@ -146,7 +146,7 @@ def _compare(
     (g_want,) = torch.autograd.grad(want, vals)
     got = get_loss(spec, **ours)(_pair_logps(shift, vals, ref, lss)).mean()
     (g_got,) = torch.autograd.grad(got, vals)
-    assert _rel(got.detach(), want.detach()) < REL, (spec, float(got), float(want))
+    assert _rel(got.detach(), want.detach()) < REL, (spec, float(got.detach()), float(want.detach()))
     assert _rel(g_got, g_want) < REL, (spec, _rel(g_got, g_want))
     assert float(g_want.abs().max()) > 0  # the check has something to check
     return float(want.detach())
@@ -325,3 +325,23 @@ def test_combination_errors_name_the_problem():
     with pytest.raises(PreflensError, match="repeated"):
         get_loss("sigmoid,sigmoid")
     assert "loss_weights" in loss_hparams("sigmoid,sft")
+
+
+def test_loss_from_trl_args_reads_a_dpo_config():
+    from preflens.losses.trl_pair import loss_from_trl_args
+
+    args = DPOConfig(output_dir="/tmp/preflens-trl-peer", report_to=[], bf16=False, use_cpu=True,
+                     loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.3)  # fmt: skip
+    assert loss_from_trl_args(args) == ("dpo,bco_pair,sft", {"beta": 0.3, "loss_weights": [0.8, 0.2, 1.0]})
+    args = DPOConfig(output_dir="/tmp/preflens-trl-peer", report_to=[], bf16=False, use_cpu=True,
+                     loss_type=["robust"], label_smoothing=0.2, ld_alpha=0.5, f_divergence_type="js_divergence")  # fmt: skip
+    spec, hp = loss_from_trl_args(args)
+    assert spec == "robust" and hp["ld_alpha"] == 0.5 and hp["f_divergence_type"] == "js_divergence"
+    trl = {
+        "loss_type": ["robust"],
+        "label_smoothing": 0.2,
+        "ld_alpha": 0.5,
+        "f_divergence_type": "js_divergence",
+    }
+    _compare(spec, trl, hp)
+    assert "ld_alpha" not in loss_from_trl_args(args, token_options=False)[1]

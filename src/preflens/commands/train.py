@@ -165,4 +165,28 @@ def register(app: typer.Typer) -> None:
 
     train_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     train_command.__annotations__ = {**annotations, "return": None}
-    app.command("train")(train_command)
+    app.command("train", epilog=loss_table_help())(train_command)
+
+
+def loss_table_help() -> str:
+    """The losses `--loss` accepts, one line each (src/preflens/losses/TABLE.md, also in README.md), for
+    `preflens train --help`. Read as text so building the command imports no torch."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "losses" / "TABLE.md"
+    if not path.is_file():
+        return ""
+    lines = path.read_text().splitlines()
+    rows = [
+        [c.strip().replace("\\|", "|") for c in ln.strip("|").split(" | ")]
+        for ln in lines
+        if ln.startswith("| ")
+    ]
+    rows = [r for r in rows if not set(r[0]) <= {"-"}]
+    notes = " ".join(ln for ln in lines if ln and not ln.startswith("|"))
+    out = [
+        "\b",
+        "Losses (--loss NAME, or NAME,NAME,... with --loss-weights; hyper-parameters as flags or --loss-kwargs):",
+    ]
+    out += [f"  {r[0]:<13} {r[1]}  (hyper-parameters: {r[3]}; {r[2]}; {r[4]})" for r in rows[1:]]
+    return "\n".join(out) + "\n\n" + notes

@@ -49,12 +49,14 @@ from preflens.diagnostics.probe_state import ProbeHistory, ProbeRunner
 from preflens.errors import PreflensError
 from preflens.logprobs import sequence_logps
 from preflens.losses import get_loss
+from preflens.losses.trl_pair import TRL_TO_PREFLENS, loss_from_trl_args
 from preflens.tracking import METRICS_FILE, PAIRS_FILE, PROBES_FILE
 
 __all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS"]
 
-# TRL `loss_type` -> preflens loss (DESIGN.md's table) used for the margin weights d_w, d_l.
-TRL_TO_PREFLENS_LOSS: dict[str, str] = {"sigmoid": "dpo", "ipo": "ipo", "sppo_hard": "sppo"}
+# TRL `loss_type` -> preflens loss used for the margin weights d_w, d_l: every TRL loss type (its own
+# name; sigmoid -> dpo and sppo_hard -> sppo, the same functions), preflens.losses.trl_pair.
+TRL_TO_PREFLENS_LOSS: dict[str, str] = dict(TRL_TO_PREFLENS)
 
 
 class PreflensCallback(TrainerCallback):
@@ -67,8 +69,10 @@ class PreflensCallback(TrainerCallback):
         entanglement: also compute the per-pair gradient statistics (costs a backward over the
             probe set; switch off for a log-prob-only probe).
         output_dir: where to write (default: the trainer's `args.output_dir`).
-        loss: the preflens loss whose margin weights d_w, d_l are used; default maps TRL's
-            `loss_type` (sigmoid -> dpo, ipo -> ipo, sppo_hard -> sppo) with TRL's `beta`.
+        loss: the preflens loss whose margin weights d_w, d_l are used; default: TRL's own `loss_type`
+            (any of them, or its weighted list) with TRL's `beta`, `label_smoothing`, `loss_weights`,
+            `f_divergence_type` (`loss_from_trl_args`; `ld_alpha` and WPO weighting are left out, the probes
+            see summed log-probs).
     """
 
     def __init__(
@@ -86,10 +90,10 @@ class PreflensCallback(TrainerCallback):
         self.out = Path(output_dir if output_dir is not None else self.args.output_dir)
         self.probe_every = int(probe_every or max(1, int(self.args.logging_steps)))
         self.entanglement = entanglement
-        loss_types = list(getattr(self.args, "loss_type", ["sigmoid"]) or ["sigmoid"])
-        if loss is None:
-            loss = TRL_TO_PREFLENS_LOSS.get(loss_types[0], "dpo") if len(loss_types) == 1 else "dpo"
-        hp = {"beta": float(self.args.beta)} if loss in ("dpo", "ipo", "sppo") else {}
+        if loss is None:  # TRL's own loss (every loss_type, a weighted list, the f-divergence), TRL's numbers
+            loss, hp = loss_from_trl_args(self.args, token_options=False)  # probes see summed log-probs
+        else:
+            hp = {"beta": float(self.args.beta)} if loss in ("dpo", "ipo", "sppo") else {}
         self.loss_name = loss
         self.loss_fn = get_loss(loss, **hp)
         dataset, self.probe_split = (

@@ -71,6 +71,8 @@ __all__ = [
     "discopop",
     "sft",
     "sigmoid_norm",
+    "TRL_TO_PREFLENS",
+    "loss_from_trl_args",
 ]
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -378,3 +380,45 @@ for _name in TRL_LOSS_TYPES:
     if _name in TRL_F_DIVERGENCE_LOSSES:  # TRL's defaults
         _opts = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, **_opts}
     register_options(_name, _opts, trl_objective, token_level_when=_needs_tokens)
+
+
+TRL_TO_PREFLENS = {**{n: n for n in TRL_LOSS_TYPES}, "sigmoid": "dpo", "sppo_hard": "sppo"}
+"""TRL `loss_type` -> the preflens name of the same function (sigmoid and sppo_hard keep preflens's names)."""
+
+
+def loss_from_trl_args(args: Any, *, token_options: bool = True) -> tuple[str, dict[str, Any]]:
+    """The preflens loss spec and hyper-parameters of a TRL `DPOConfig` (or anything with its attributes):
+    `loss_type` (a list becomes "a,b,c"), `loss_weights`, `beta`, `label_smoothing`, `discopop_tau` and the
+    objective options where they differ from TRL's defaults. `token_options=False` drops `ld_alpha` and
+    `use_weighting` (for a caller that has only summed log-probs, such as the TRL callback's probes).
+    Without objective options, sigmoid and sppo_hard are named dpo and sppo (the same functions).
+    """
+    from preflens.losses.registry import loss_hparams
+
+    types = getattr(args, "loss_type", None) or ["sigmoid"]
+    types = [types] if isinstance(types, str) else [str(getattr(t, "value", t)) for t in types]
+    spec = ",".join(types)
+    accepted = loss_hparams(spec, options=True)
+    options = {
+        "f_divergence_type": "reverse_kl",
+        "f_alpha_divergence_coef": 0.5,
+        "ld_alpha": None,
+        "use_weighting": False,
+    }
+    hp: dict[str, Any] = {}
+    for key in ("beta", "label_smoothing", "discopop_tau", *options):
+        if key not in accepted or not hasattr(args, key):
+            continue
+        value = getattr(args, key)
+        value = getattr(value, "value", value)  # an enum
+        if (key in options and value == options[key]) or (
+            key in ("ld_alpha", "use_weighting") and not token_options
+        ):
+            continue
+        hp[key] = value
+    if not set(hp) & set(options):
+        spec = ",".join(TRL_TO_PREFLENS.get(t, t) for t in types)
+    weights = getattr(args, "loss_weights", None)
+    if weights:
+        hp["loss_weights"] = [float(w) for w in weights]
+    return spec, hp

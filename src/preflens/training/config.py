@@ -101,6 +101,12 @@ class TrainConfig:
     symmetric: bool | None = _opt(None, "Loss hyper-parameter symmetric (nbdpo).")
     length_normalize: bool | None = _opt(None, "Loss hyper-parameter length_normalize (ipo).")
     loss_kwargs: dict = _opt({}, "Further loss hyper-parameters as a mapping (YAML) or k=v,k=v (CLI).")
+    # weighted loss combinations, TRL's loss_weights (losses, issue 12)
+    loss_weights: list | None = _opt(
+        None,
+        "Weights of a comma-separated --loss, as TRL's loss_weights: --loss sigmoid,bco_pair,sft "
+        "--loss-weights 0.8,0.2,1 (default: 1 each).",
+    )
 
     # --- the model
     dtype: str = _opt("float32", "Weights dtype: float32 or bfloat16.")
@@ -196,14 +202,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every option a user can get wrong, with a message naming it."""
-        from preflens.losses import LOSSES
+        from preflens.losses import loss_names
 
         if not self.data:
             raise PreflensError("--data is required (a file, directory or hub id of preference pairs)")
         if not self.output_dir:
             raise PreflensError("--output-dir is required (where the run's results go)")
-        if self.loss not in LOSSES:
-            raise PreflensError(f"--loss: unknown loss '{self.loss}'; available: {', '.join(sorted(LOSSES))}")
+        try:  # one name, or TRL's list as NAME,NAME,... (issue 12)
+            loss_names(self.loss)
+        except PreflensError as exc:
+            raise PreflensError(f"--loss: {exc}") from None
         positive = ("batch_size", "grad_accum", "log_every")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -266,7 +274,8 @@ def resolve_loss_kwargs(config: TrainConfig) -> dict[str, Any]:
     """
     from preflens.losses import loss_hparams
 
-    accepted = loss_hparams(config.loss)
+    accepted = loss_hparams(config.loss, options=True)  # with TRL's objective options (ld_alpha, ...)
+    accepted.pop("loss_weights", None)  # its own option, --loss-weights (below)
     given = {k: getattr(config, k) for k in LOSS_HPARAM_FIELDS if getattr(config, k) is not None}
     extra = dict(config.loss_kwargs or {})
     for k in sorted(set(given) & set(extra)):
@@ -291,4 +300,14 @@ def resolve_loss_kwargs(config: TrainConfig) -> dict[str, Any]:
             raise PreflensError(f"loss '{config.loss}': {k} must be a string, got {v!r}")
     if config.loss == "sparse" and merged.get("mask", accepted.get("mask")) not in ("diff", "learned"):
         raise PreflensError(f"loss 'sparse': --mask must be diff or learned, got {merged.get('mask')!r}")
+    if config.loss_weights is not None:
+        try:
+            merged["loss_weights"] = [float(w) for w in config.loss_weights]
+        except (TypeError, ValueError):
+            raise PreflensError(f"--loss-weights must be numbers, got {config.loss_weights!r}") from None
+        if len(merged["loss_weights"]) != len(config.loss.split(",")):
+            raise PreflensError(
+                f"--loss-weights has {len(merged['loss_weights'])} weights for --loss {config.loss} "
+                f"({len(config.loss.split(','))} losses): give one each"
+            )
     return merged

@@ -29,14 +29,24 @@ TRL_SYNONYMS = {
     "model_name_or_path": "model",
     "dataset_name": "data",
     "lora_r": "lora_rank",
+    "loss_type": "loss",  # a TRL list [sigmoid, bco_pair, sft] becomes "sigmoid,bco_pair,sft"
 }
+# TRL DPOConfig names of loss hyper-parameters that are not TrainConfig fields: in a --config file they
+# go into loss_kwargs (get_loss takes them under these names), so a TRL user's YAML carries over
+TRL_LOSS_KEYS = (
+    "label_smoothing",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "ld_alpha",
+    "use_weighting",
+    "discopop_tau",
+)
 # TRL names whose meaning differs: an unknown-option error says what to write instead
 TRL_HINTS = {
     "per_device_train_batch_size": "batch_size is global here (per-device size x number of processes)",
     "per_device_eval_batch_size": "eval_batch_size is global here (per-device size x number of processes)",
     "bf16": "mixed_precision: bf16 (autocast) or dtype: bfloat16 (bf16 weights)",
     "use_peft": "lora_rank: R (> 0 trains LoRA adapters)",
-    "loss_type": "loss (sigmoid is dpo; see preflens.losses.LOSSES)",
     "eval_steps": "eval_every",
     "save_steps": "save_every",
     "logging_steps": "log_every",
@@ -119,7 +129,8 @@ def build_config(
     """`cls(**defaults | file | overrides)` with unknown keys and wrong types reported by name."""
     specs = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
-    for key, value in (file_values or {}).items():
+    file_values = _trl_loss_keys(dict(file_values or {}), specs, source)
+    for key, value in file_values.items():
         if key in _RESOLVED_KEYS:
             continue
         name = TRL_SYNONYMS.get(key, key) if TRL_SYNONYMS.get(key) in specs else key
@@ -132,6 +143,8 @@ def build_config(
                 near = difflib.get_close_matches(key, list(specs), n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise PreflensError(f"{source}: unknown option {key!r}{hint}")
+        if name == "loss" and isinstance(value, (list, tuple)):  # TRL's loss_type list
+            value = ",".join(str(v).strip() for v in value)
         values[name] = coerce(name, value, str(specs[name].type), source)
     for key, value in overrides.items():
         if key not in specs:
@@ -141,3 +154,20 @@ def build_config(
         if name not in values and f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
             raise PreflensError(f"--{name.replace('_', '-')} is required")
     return cls(**values)
+
+
+def _trl_loss_keys(file_values: dict[str, Any], specs: dict[str, Any], source: str) -> dict[str, Any]:
+    """Move TRL's loss hyper-parameter keys (`label_smoothing: 0.1`, `ld_alpha: 0.5`, ...) of a config file
+    into its `loss_kwargs` (where `get_loss` takes them under the same names)."""
+    moved = {k: file_values.pop(k) for k in TRL_LOSS_KEYS if k in file_values and k not in specs}
+    if not moved:
+        return file_values
+    kwargs = dict(file_values.get("loss_kwargs") or {})
+    for k, v in moved.items():
+        if k in kwargs and kwargs[k] != v:
+            raise PreflensError(
+                f"{source}: {k}={v!r} and loss_kwargs {k}={kwargs[k]!r} disagree: give it once"
+            )
+        kwargs[k] = v
+    file_values["loss_kwargs"] = kwargs
+    return file_values

@@ -49,7 +49,7 @@ from preflens.logprobs import (
     pair_logps_from_batch,
     sequence_logps,
 )
-from preflens.losses import TOKEN_LEVEL_LOSSES, get_loss, loss_hparams
+from preflens.losses import get_loss, loss_hparams, loss_needs_tokens
 from preflens.tracking import (
     DATA_REPORT_FILE,
     RunTracker,
@@ -140,7 +140,8 @@ class Trainer:
 
     @property
     def needs_tokens(self) -> bool:
-        return self.config.loss in TOKEN_LEVEL_LOSSES
+        # token-level losses, and TRL's ld_alpha / use_weighting on any loss (losses.loss_needs_tokens)
+        return loss_needs_tokens(self.config.loss, **self.loss_kwargs)
 
     @property
     def needs_grad_norms(self) -> bool:
