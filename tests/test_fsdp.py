@@ -7,6 +7,7 @@
 - A 3-step `--fsdp` training run with `--step-entanglement` trains the parameters the 1-process run trains
   and logs the same metrics.jsonl rows (train, eval, entanglement keys), as tests/test_multiprocess.py
   checks for DDP.
+- `--loss normalized` with LoRA under FSDP2 (a standalone Gram pass inside every step) equals 1 process.
 - Resume under FSDP2 after Ctrl-C inside step 2 (every rank; a sharded DCP checkpoint of step 1) ends where the
   uninterrupted FSDP2 run ends.
 """
@@ -93,7 +94,7 @@ def _cfg(tmp_path: Path, name: str, **over) -> Path:
     mdir, data = (tmp_path / "model", tmp_path / "pairs.jsonl")
     if not mdir.exists():
         _write_inputs(tmp_path)
-    cfg = dict(_config(mdir, data, tmp_path / name), probe_every=0, step_entanglement=True, **over)
+    cfg = {**_config(mdir, data, tmp_path / name), "probe_every": 0, "step_entanglement": True, **over}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -145,3 +146,14 @@ def test_fsdp_training_matches_one_process_and_resumes(tmp_path):
     resumed = _cfg(tmp_path, "run3", fsdp=True, resume=True, save_every=0)
     _torchrun("train", str(resumed))
     assert _compare_runs(tmp_path / "run2", tmp_path / "run3") > 20
+
+
+def test_fsdp_normalized_loss_with_lora_matches_one_process(tmp_path):
+    """`--loss normalized` under FSDP2 with LoRA: its per-sequence gradient norms come from a standalone
+    Gram pass on the sharded model inside every step (the root's parameters gathered by the capture);
+    the run trains what the unsharded 1-process run trains."""
+    over = dict(loss="normalized", lora_rank=4, step_entanglement=False)
+    _one_process("train", str(_cfg(tmp_path, "run1", **over)))
+    _torchrun("train", str(_cfg(tmp_path, "run2", fsdp=True, **over)))
+    assert any("lora_B" in k for k in _weights(tmp_path / "run2"))
+    assert _compare_runs(tmp_path / "run1", tmp_path / "run2") > 20

@@ -98,10 +98,19 @@ def _plugin_options(accelerator: Any) -> tuple[bool, MixedPrecisionPolicy]:
     return reshard, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
 
-def shard_policy(model: nn.Module, mask_head: Any, accelerator: Any) -> nn.Module:
-    """The trainer's policy sharded (`shard_model`); the learned token-mask head is not supported."""
+def shard_policy(model: nn.Module, mask_head: Any, accelerator: Any, config: Any = None) -> nn.Module:
+    """The trainer's policy sharded (`shard_model`); refuses what does not run sharded yet: the learned
+    token-mask head, and `--probe-every`, whose update_pred_* columns
+    (`diagnostics.update_prediction.directional_change`) take autograd gradients of whole parameters
+    and run the lean forward without the root (the probe's Gram itself is FSDP-exact: tests/test_fsdp.py)."""
     if mask_head is not None:
         raise PreflensError("--fsdp with sparse mask='learned' is not supported (use mask='diff')")
+    if getattr(config, "probe_every", 0):
+        raise PreflensError(
+            "--probe-every with --fsdp is not supported yet: the probe's update_pred_* columns differentiate "
+            "whole parameters, which FSDP2 shards. Use --step-entanglement (exact under FSDP2), or run "
+            "`preflens probe` on a checkpoint's final/"
+        )
     return shard_model(model, accelerator)
 
 

@@ -166,7 +166,7 @@ class Trainer:
         self.model, self.tokenizer, self.mask_head = parts.model, parts.tokenizer, parts.mask_head
         self.fsdp = fsdp.wants_fsdp(cfg, self.accelerator)
         if self.fsdp:  # FSDP2: sharded before the optimizer sees the parameters (training/fsdp.py)
-            fsdp.shard_policy(self.model, self.mask_head, self.accelerator)
+            fsdp.shard_policy(self.model, self.mask_head, self.accelerator, cfg)
         data = tokenize_splits(cfg, raw, self.tokenizer, self.accelerator.num_processes)
         self.train_items, self.eval_items, self.train_subset = data.train_items, data.eval_items, data.train_subset  # fmt: skip
         self.data_reports = data.reports
