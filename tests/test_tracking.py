@@ -11,6 +11,7 @@ import pytest
 from preflens.config import build_config, load_config_file
 from preflens.errors import PreflensError, RunDirError
 from preflens.tracking import (
+    LOCK_FILE,
     MetricsWriter,
     RunTracker,
     TableWriter,
@@ -39,7 +40,7 @@ def test_prepare_run_dir_rules(tmp_path):
     with pytest.raises(RunDirError, match="exclude"):
         prepare_run_dir(new, overwrite=True, resume=True)
     prepare_run_dir(new, overwrite=True)
-    assert new.is_dir() and not any(new.iterdir())
+    assert new.is_dir() and [p.name for p in new.iterdir()] == [LOCK_FILE]  # emptied, the lock held
     with pytest.raises(RunDirError, match="nothing to resume"):
         prepare_run_dir(tmp_path / "missing", resume=True)
     f = tmp_path / "file"
@@ -67,7 +68,7 @@ def test_overwrite_only_empties_run_directories(tmp_path, monkeypatch):
         prepare_run_dir(project / "repo", overwrite=True)
     assert (project / "prefs.jsonl").is_file() and (project / "runs" / "dpo" / "config.yaml").is_file()
     prepare_run_dir(project / "runs" / "dpo", overwrite=True)  # a run: replaced
-    assert not any((project / "runs" / "dpo").iterdir())
+    assert [p.name for p in (project / "runs" / "dpo").iterdir()] == [LOCK_FILE]
 
 
 def test_checkpoints_latest_and_prune(tmp_path):
@@ -190,10 +191,37 @@ def test_a_checkpoint_save_cut_short_is_never_taken_for_the_latest(tmp_path):
         "optimizer.bin",
         "random_states_0.pkl",
     ]
-    with pytest.raises(OSError, match="No space left"):
+    # one line naming the failure and the intact checkpoint; the half-written files are removed
+    with pytest.raises(
+        RunDirError,
+        match=r"step-4: writing the checkpoint failed \(OSError: .*No space left.*step-2 is intact",
+    ):
         save_checkpoint(_OneProcess(fail_after_files=2), checkpoint_dir(tmp_path, 4))
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)  # not the half-written step 4
-    assert (tmp_path / "checkpoints" / "step-4.partial").is_dir()
+    assert not (tmp_path / "checkpoints" / "step-4.partial").exists()
+    (tmp_path / "checkpoints" / "step-4.partial").mkdir()  # as a kill -9 mid-save leaves it
     save_checkpoint(_OneProcess(), checkpoint_dir(tmp_path, 4))  # a retry replaces the leftover
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
     assert not (tmp_path / "checkpoints" / "step-4.partial").exists()
+
+
+def test_a_second_process_cannot_take_a_run_directory(tmp_path):
+    """The lock is per process: another process preparing the same directory refuses, naming the holder;
+    once the holder ends (here: it exits), the directory can be taken."""
+    import os
+    import subprocess
+    import sys
+
+    run = prepare_run_dir(tmp_path / "run")
+    code = (
+        "import sys\nfrom preflens.tracking import prepare_run_dir\nfrom preflens.errors import RunDirError\n"
+        "try:\n    prepare_run_dir(sys.argv[1])\nexcept RunDirError as e:\n    print(e); sys.exit(3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr
+    assert "another preflens run is writing to it" in res.stdout and f"pid {os.getpid()}" in res.stdout
+    from preflens.tracking import unlock_run_dir
+
+    unlock_run_dir(run)
+    res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -88,20 +88,24 @@ def test_user_errors_have_no_traceback(tmp_path, monkeypatch, capsys, model_dir)
         + "\n"
         + '{"prompt": "p", "chosen": 3, "rejected": "x"}\n'
     )
+    # the data is read and checked before torch is imported (fail fast); the checks that need the loss
+    # table (torch) come after it, so they are shown on a good file
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "p", "chosen": "good", "rejected": "bad"}) + "\n")
     cases = [
         (
             ("--data", bad, "--model", model_dir, "--output-dir", tmp_path / "r1"),
             r"row 1 \(line 2\).*'chosen'",
         ),
         (
-            ("--data", bad, "--model", model_dir, "--output-dir", tmp_path / "r2", "--gamma", 1),
+            ("--data", good, "--model", model_dir, "--output-dir", tmp_path / "r2", "--gamma", 1),
             "--gamma does not apply",
         ),
         (
             ("--data", bad, "--output-dir", tmp_path / "r3", "--steps", "x"),
             "--steps: steps must be an integer",
         ),
-        (("--data", bad, "--output-dir", tmp_path / "r4", "--loss", "dpoo"), "unknown loss 'dpoo'"),
+        (("--data", good, "--output-dir", tmp_path / "r4", "--loss", "dpoo"), "unknown loss 'dpoo'"),
         (("--output-dir", tmp_path / "r5"), "--data is required"),
         (("--data", bad, "--output-dir", tmp_path / "r6", "--loss-kwargs", "beta"), "key=value"),
         (

@@ -33,7 +33,10 @@ __all__ = [
     "METRICS_FILE",
     "PAIRS_FILE",
     "PROBES_FILE",
+    "LOCK_FILE",
+    "lock_run_dir",
     "prepare_run_dir",
+    "unlock_run_dir",
     "latest_checkpoint",
     "checkpoint_dir",
     "prune_checkpoints",
@@ -65,7 +68,14 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         raise RunDirError("--overwrite and --resume exclude each other: pick one")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path}: exists and is a file, not a run directory")
-    non_empty = path.is_dir() and any(path.iterdir())
+    if resume and not path.is_dir():
+        raise RunDirError(f"{path}: nothing to resume (the directory is missing or empty)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot create the run directory ({exc.strerror or exc})") from None
+    lock_run_dir(path)  # before anything is read or deleted: a second run into it refuses here
+    non_empty = any(child.name != LOCK_FILE for child in path.iterdir())
     if non_empty:
         if resume:
             if latest_checkpoint(path) is None:
@@ -86,14 +96,65 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
                 f"{refusal}. Pick another --output-dir"
             )
         for child in path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
     elif resume:
         raise RunDirError(f"{path}: nothing to resume (the directory is missing or empty)")
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# One writer per run directory. `prepare_run_dir` takes an exclusive advisory lock (flock) on RUN/.lock and
+# holds it while the process lives (the kernel drops it when the process ends, kill -9 included, so a stale
+# lock never blocks a --resume); a second training into the same --output-dir refuses before it reads,
+# deletes or writes anything. The same process may prepare the directory again (train, then resume).
+LOCK_FILE = ".lock"
+_LOCKS: dict[str, Any] = {}
+
+
+def lock_run_dir(path: str | Path) -> None:
+    """Take RUN/.lock for this process, or raise `RunDirError` naming the process that holds it."""
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        return
+    lock = path / LOCK_FILE
+    try:
+        f = open(lock, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file descriptor)
+    except OSError as exc:
+        raise RunDirError(
+            f"{path}: cannot write to the run directory ({exc.strerror or exc}); is it read-only? "
+            "Pick a writable --output-dir"
+        ) from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(
+            f"{path}: another preflens run is writing to it ({holder}, lock {lock}); wait for it to finish, "
+            "or pick another --output-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def unlock_run_dir(path: str | Path) -> None:
+    """Release RUN/.lock if this process holds it (the end of a run; a notebook may then resume it elsewhere)."""
+    f = _LOCKS.pop(str(Path(path).resolve()), None)
+    if f is not None:
+        f.close()
 
 
 def _not_a_run_dir(path: Path) -> str | None:
@@ -110,7 +171,7 @@ def _not_a_run_dir(path: Path) -> str | None:
     if (path / ".git").exists():
         return "it holds a git repository"
     if not ((path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()):
-        names = sorted(p.name for p in path.iterdir())
+        names = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         return f"it has no {CONFIG_FILE} or {METRICS_FILE}, so it is not a run directory (it holds {shown})"
     return None
@@ -152,14 +213,40 @@ def save_checkpoint(
             if stale.exists():
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(partial)
-        partial.rename(path)
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(partial)
+            partial.rename(path)
+    except (
+        Exception
+    ) as exc:  # disk full, quota, file size limit, I/O error: safetensors/torch wrap the OSError
+        raise _save_failed(path, partial, exc) from None
     accelerator.wait_for_everyone()
     return path
+
+
+def _save_failed(path: Path, partial: Path, exc: Exception) -> RunDirError:
+    """One line for a checkpoint that could not be written; its partial directory is removed (the space
+    it took is given back) and the previous complete checkpoint is named: it is intact and resumable."""
+    shutil.rmtree(partial, ignore_errors=True)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    try:
+        free = shutil.disk_usage(path.parent).free
+        space = f"; {free / 2**20:.1f} MiB free there"
+    except OSError:
+        space = ""
+    prev = latest_checkpoint(path.parent.parent)
+    kept = (
+        f"the previous checkpoint {prev} is intact: free space, then --resume"
+        if prev
+        else "no earlier checkpoint"
+    )
+    return RunDirError(
+        f"{path}: writing the checkpoint failed ({type(exc).__name__}: {reason}{space}); {kept}"
+    )
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
@@ -357,3 +444,4 @@ class RunTracker:
         self.flush()
         if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
             self.accelerator.end_training()
+        unlock_run_dir(self.run_dir)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,48 @@ def check_adapter_checkpoint(ckpt: Path, policy: Any) -> None:
 
 
 def load_latest(accelerator: Any, run_dir: Path, *, adapter_only: bool, policy: Any) -> Path:
-    """`accelerator.load_state` of the newest complete checkpoint; LoRA checkpoints hold the adapter only
-    (the frozen base comes from --model), checked to hold all of it."""
+    """`accelerator.load_state` of the newest complete checkpoint that can be read; LoRA checkpoints hold the
+    adapter only (the frozen base comes from --model), checked to hold all of it.
+
+    A checkpoint that cannot be read (a file truncated or overwritten after the atomic rename: a disk
+    error, a copy cut short, a user's edit) is skipped with a warning naming it and the reason, and the one
+    before it is loaded (load_state restores every part, so nothing of the skipped one survives); the
+    metrics rows after the loaded step are dropped by the trainer's `resume_at`. A checkpoint of another
+    model layout (`RunDirError`) is not skipped: it is the user's option that changed, not the file.
+    """
+    found = list(reversed(_complete_checkpoints(run_dir)))
+    if not found:
+        raise RunDirError(f"{run_dir}: nothing to resume (no complete checkpoints/step-N inside)")
+    skipped: list[str] = []
+    for ckpt in found:
+        try:
+            accelerator.load_state(str(ckpt), **({"strict": False} if adapter_only else {}))
+            if adapter_only:
+                check_adapter_checkpoint(ckpt, accelerator.unwrap_model(policy))
+        except RunDirError:
+            raise
+        except Exception as exc:  # safetensors, torch.load, json: each raises its own type for a bad file
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            skipped.append(f"{ckpt} ({type(exc).__name__}: {reason})")
+            warnings.warn(
+                f"{ckpt}: cannot be read ({type(exc).__name__}: {reason}); resuming from the checkpoint "
+                "before it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        return ckpt
+    raise RunDirError(f"{run_dir}: no checkpoint can be read: " + "; ".join(skipped))
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoints/step-N directories (no `.partial`), oldest first."""
     latest = latest_checkpoint(run_dir)
-    accelerator.load_state(str(latest), **({"strict": False} if adapter_only else {}))
-    if adapter_only:
-        check_adapter_checkpoint(Path(latest), accelerator.unwrap_model(policy))
-    return Path(latest)
+    if latest is None:
+        return []
+    root = Path(latest).parent
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def check_data_order(run_dir: Path, config: TrainConfig) -> None:
