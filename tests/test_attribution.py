@@ -307,6 +307,38 @@ def test_train_option_writes_attribution_and_predicts_the_first_adamw_step(tmp_p
         torch.tensor(summary.set_index("pair_id")["total_chosen"][by_pair.index].to_numpy()),
         torch.tensor(by_pair.to_numpy()),
     )
+    _check_report(run, by_pair)
+
+
+def _check_report(run, by_pair) -> None:
+    """The report section: the top pusher (by the rows' own sums), the concentration written out, the
+    CHES agreement against a hand-made CHES table, and the pair's texts on the page."""
+    import json
+
+    import pandas as pd
+
+    from preflens.report.attribution import attribution_summary
+    from preflens.report.generate import generate_report
+    from preflens.report.runs import load_run
+
+    ids = list(by_pair.index)
+    pd.DataFrame({"pair_index": ids, "ches": [float(-by_pair[i]) for i in ids]}).to_parquet(
+        run / "ches.parquet"
+    )
+    s = attribution_summary(load_run(run))
+    worst = int(by_pair.idxmin())
+    assert int(s["top"][0]["pair_id"]) == worst
+    neg = sorted(min(0.0, v) for v in by_pair)
+    k = max(1, -(-len(neg) // 5))
+    assert abs(s["concentration"][0.2] - sum(neg[:k]) / sum(neg)) < 1e-9
+    assert s["spearman_vs_ches"] > 0.999  # CHES here is the attribution itself, negated
+    page, _ = generate_report(run)
+    text = page.read_text()
+    assert "Which training pairs pushed the chosen responses down" in text
+    rows = [json.loads(line) for line in (run.parent / "pairs.jsonl").read_text().splitlines()]
+    import html as _html
+
+    assert _html.escape(str(rows[worst]["chosen"])[:40]) in text
 
 
 def test_train_option_is_unchanged_by_fused_step_entanglement(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from preflens.report.attribution import attribution_html
 from preflens.report.figures import make_figures
 from preflens.report.findings import Finding, diagnose
 from preflens.report.html import render_html
@@ -22,7 +23,7 @@ def generate_report(run_dir: str | Path, output: str | Path | None = None) -> tu
     if run.config and run.config.get("loss"):
         title += f": {run.config.get('loss')}"
     out = Path(output) if output is not None else run.run_dir / "report.html"
-    out.write_text(render_html(title, findings, figs, run))
+    out.write_text(render_html(title, findings, figs, run, extra_html=attribution_html(run)))
     return out, findings
 
 
