@@ -50,7 +50,7 @@ def data_file(tmp_path, n=8):
     return p
 
 
-def test_train_with_a_weighted_combination_from_flags(tmp_path, monkeypatch, capsys, model_dir):
+def _combination_run(tmp_path, monkeypatch, capsys, model_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(
         monkeypatch, capsys, "--data", data_file(tmp_path), "--model", model_dir, "--output-dir", run,
@@ -64,6 +64,19 @@ def test_train_with_a_weighted_combination_from_flags(tmp_path, monkeypatch, cap
     assert saved["loss_kwargs_resolved"]["beta"] == 0.2
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows)
+    return run
+
+
+def test_train_with_a_weighted_combination_from_flags(tmp_path, monkeypatch, capsys, model_dir):
+    _combination_run(tmp_path, monkeypatch, capsys, model_dir)
+
+
+@pytest.mark.slow
+def test_report_reads_a_combined_loss_run(tmp_path, monkeypatch, capsys, model_dir):
+    from preflens.report import generate_report
+
+    page, _findings = generate_report(_combination_run(tmp_path, monkeypatch, capsys, model_dir))
+    assert Path(page).is_file()
 
 
 def test_trl_config_file_keys_carry_over_and_ld_alpha_trains(tmp_path, monkeypatch, capsys, model_dir):
