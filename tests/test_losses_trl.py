@@ -345,3 +345,12 @@ def test_loss_from_trl_args_reads_a_dpo_config():
     }
     _compare(spec, trl, hp)
     assert "ld_alpha" not in loss_from_trl_args(args, token_options=False)[1]
+
+
+def test_bad_option_values_are_one_line_errors():
+    with pytest.raises(PreflensError, match="ld_alpha must be a number in"):
+        get_loss("sigmoid", ld_alpha="half")
+    with pytest.raises(PreflensError, match="ld_alpha must be a number in"):
+        get_loss("sigmoid", ld_alpha=1.5)
+    with pytest.raises(PreflensError, match="use_weighting must be true or false"):
+        get_loss("sigmoid", use_weighting="yes")

@@ -182,8 +182,15 @@ def trl_objective(name: str, fn: Callable[..., Tensor], options: dict[str, Any])
             f"loss '{name}': f_divergence_type must be one of {', '.join(F_DIVERGENCES)}; got {fdiv!r}"
         )
     ld_alpha = options.get("ld_alpha")
-    if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
-        raise PreflensError(f"loss '{name}': ld_alpha must be in [0, 1], got {ld_alpha}")
+    bad = ld_alpha is not None and (
+        isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0
+    )
+    if bad:
+        raise PreflensError(f"loss '{name}': ld_alpha must be a number in [0, 1] (or None), got {ld_alpha!r}")
+    if not isinstance(options.get("use_weighting", False), bool):
+        raise PreflensError(
+            f"loss '{name}': use_weighting must be true or false, got {options['use_weighting']!r}"
+        )
     coef = float(options.get("f_alpha_divergence_coef", 0.5))
     scores = name != "sft"
 
