@@ -422,3 +422,58 @@ def test_attribute_cli_refuses_bad_options(tmp_path) -> None:
     res = CliRunner().invoke(app, ["attribute", "--data", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "o.parquet"),
                                    "--drop-top", "0.2"])  # fmt: skip
     assert res.exit_code != 0 and "--filtered-output" in str(res.exception or res.output)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_processes_attribute_what_one_does(tmp_path) -> None:
+    """DDP (torchrun, gloo): every (step, pair, probe) row of a 2-process run equals the 1-process run's
+    (each process attributes its share of the batch; the rows are gathered, the 1/N of DDP's average applied)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.models import tiny_model
+
+    model, tok = tiny_model(hidden_size=32, num_layers=2, seed=0)
+    mdir = tmp_path / "model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    data = tmp_path / "pairs.jsonl"
+    rows = sentiment_pairs(12, seed=3, response_length=5) + sentiment_pairs(12, seed=4, response_length=9)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).with_name("_mp_train_script.py")
+    out = {}
+    for n in (1, 2):
+        cfg = dict(model=str(mdir), data=str(data), eval_fraction=0.25, output_dir=str(tmp_path / f"run{n}"),
+                   steps=2, batch_size=4, lr=1e-3, scheduler="constant", eval_every=0, save_every=0,
+                   attribute_every=1, attribute_pairs=3, report_to="none", progress=False, seed=0)  # fmt: skip
+        (tmp_path / f"cfg{n}.json").write_text(json.dumps(cfg))
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        cmd = [sys.executable, str(script), str(tmp_path / f"cfg{n}.json")]
+        if n > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env["ACCELERATE_USE_CPU"] = "true"
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+                   str(script), str(tmp_path / f"cfg{n}.json")]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        df = pd.read_parquet(tmp_path / f"run{n}" / "attribution.parquet")
+        out[n] = df.sort_values(["step", "pair_id", "probe_pair_id"]).reset_index(drop=True)
+    a, b = out[1], out[2]
+    assert len(a) == len(b) == 2 * 4 * 3
+    assert (
+        a[["step", "pair_id", "probe_pair_id"]].to_numpy()
+        == b[["step", "pair_id", "probe_pair_id"]].to_numpy()
+    ).all()
+    for col in ("sgd_chosen", "sgd_rejected", "cosine"):
+        x, y = torch.tensor(a[col].to_numpy()), torch.tensor(b[col].to_numpy())
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(x.abs().max())), col
