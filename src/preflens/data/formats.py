@@ -18,6 +18,8 @@ dataset back in the layout it came in (CHES filtering, `preflens ches --drop-top
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +40,41 @@ WRONG_TYPE = "wrong_type"
 EMPTY_RESPONSE = "empty_response"
 IDENTICAL_RESPONSES = "identical_responses"
 NO_SHARED_PREFIX = "no_shared_prefix"
+DUPLICATE_KEY = "duplicate_key"
+
+# Chat roles a message may have (those of TRL's conversational format and the common chat templates); any
+# other (ShareGPT's "human"/"gpt", a typo) is an invalid row rather than text a template renders arbitrarily.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+class _Obj(dict):
+    """A JSON object as read, remembering keys that appeared twice (json keeps the last one silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _Obj:
+    obj = _Obj(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+    return obj
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (a UTF-8 byte-order mark is dropped, as editors on Windows write one); other bytes are an
+    error naming the line and column of the first one."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 text (byte {data[exc.start]:#04x} at column {col}); expected a "
+            "UTF-8 file (re-save it as UTF-8)"
+        ) from None
 
 
 @dataclass
@@ -162,14 +199,11 @@ def _read_json_file(path: Path, split: str, limit: int | None) -> tuple[list[dic
     Read with the standard library rather than `datasets`: rows may mix strings and message lists (Arrow
     cannot), and a malformed line is reported with its line number instead of an Arrow error.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    text = _decode(path, path.read_bytes())
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped[:1] in ("[", "{"):
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=_object_pairs)
         except json.JSONDecodeError as exc:
             if stripped[:1] == "[":
                 raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
@@ -192,7 +226,7 @@ def _read_json_file(path: Path, split: str, limit: int | None) -> tuple[list[dic
         if limit is not None and len(rows) >= limit:
             break
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(line, object_pairs_hook=_object_pairs))
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
@@ -223,7 +257,9 @@ def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[
         try:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise DataError(f"{path}: cannot read as parquet ({reason})") from None
+        _no_duplicate_columns(path, list(table.column_names))
         if limit is not None:
             table = table.slice(0, limit)
         # to_pylist keeps nested message lists as Python lists/dicts (pandas would give numpy arrays)
@@ -231,11 +267,23 @@ def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[
     if suffix == ".csv":
         import pandas as pd
 
+        data = path.read_bytes()
+        text = _decode(path, data)
+        if text and not text.endswith(("\n", "\r")):
+            # a cut inside the last (unquoted) field would read as a shorter text: a silently different pair
+            raise DataError(
+                f"{path}: line {text.count(chr(10)) + 1} (the last) does not end with a newline, so the file may "
+                "have been cut short; expected every CSV line to end with a newline (add it if the row is complete)"
+            )
+        header = next(csv.reader(io.StringIO(text)), [])
+        _no_duplicate_columns(path, header)
         try:
             # everything as text, and an empty cell stays "" (not NaN) so it is reported as empty
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, nrows=limit)
         except Exception as exc:
-            raise DataError(f"{path}: cannot read as CSV ({exc})") from None
+            raise DataError(
+                f"{path}: cannot read as CSV ({type(exc).__name__}: {str(exc).strip()})"
+            ) from None
         rows = df.to_dict(orient="records")
         for row in rows:
             for name in text_fields:
@@ -243,6 +291,16 @@ def _read_file(path: Path, split: str, limit: int | None, text_fields: Sequence[
                     row[name] = _parse_csv_cell(row[name])
         return rows, None, False
     raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
+
+
+def _no_duplicate_columns(path: Path, columns: list[str]) -> None:
+    seen: set[str] = set()
+    dup = [c for c in columns if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    if dup:
+        raise DataError(
+            f"{path}: column {dup[0]!r} appears twice in the header; expected each column once (which one "
+            "holds the text would be a guess)"
+        )
 
 
 def _hf_rows(ds: Any, split: str, origin: str, limit: int | None) -> list[dict]:
@@ -262,6 +320,7 @@ def _read_directory(path: Path, split: str, limit: int | None) -> list[dict]:
 
     try:
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            _check_arrow_files(path)
             return _hf_rows(datasets.load_from_disk(str(path)), split, str(path), limit)
         ds = datasets.load_dataset(str(path), split=split)
     except PreflensError:
@@ -272,6 +331,21 @@ def _read_directory(path: Path, split: str, limit: int | None) -> list[dict]:
             f"Expected a `save_to_disk` directory or data files named by split (e.g. {split}.jsonl)"
         ) from None
     return _hf_rows(ds, split, str(path), limit)
+
+
+def _check_arrow_files(path: Path) -> None:
+    """Validate every Arrow file of a `save_to_disk` directory before `datasets` memory-maps it: a damaged
+    file (truncated, overwritten bytes) would otherwise crash the process (a segmentation fault in Arrow),
+    not raise."""
+    import pyarrow as pa
+
+    for f in sorted(path.rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(f)) as source:
+                pa.ipc.open_stream(source).read_all().validate(full=True)
+        except Exception as exc:  # ArrowInvalid, OSError, ...: each names what is wrong
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(f"{f}: damaged Arrow file of a save_to_disk dataset ({reason})") from None
 
 
 def _read_hub(name: str, split: str, limit: int | None) -> list[dict]:
@@ -332,11 +406,21 @@ def _check_messages(value: list, where: str, name: str) -> list[Message]:
                 f"{where}: field {name!r} message {j} is {_kind(msg) if not isinstance(msg, dict) else 'a dict with keys ' + str(sorted(msg))}; "
                 "expected a message {'role': str, 'content': str}",
             )
+        if isinstance(msg, _Obj) and msg.duplicates:
+            raise _InvalidRow(
+                DUPLICATE_KEY,
+                f"{where}: field {name!r} message {j} has key {msg.duplicates[0]!r} twice; expected each key once",
+            )
         if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
             raise _InvalidRow(
                 WRONG_TYPE,
                 f"{where}: field {name!r} message {j} has role {_kind(msg['role'])} and content {_kind(msg['content'])}; "
                 "expected both to be strings",
+            )
+        if msg["role"] not in ROLES:
+            raise _InvalidRow(
+                WRONG_TYPE,
+                f"{where}: field {name!r} message {j} has role {msg['role'][:40]!r}; expected one of {', '.join(ROLES)}",
             )
     return value
 
@@ -416,6 +500,12 @@ def _normalize_row(
     if not isinstance(row, dict):
         raise _InvalidRow(
             WRONG_TYPE, f"{where}: row is {_kind(row)}; expected an object with fields {list(fields)}"
+        )
+    if isinstance(row, _Obj) and row.duplicates:
+        raise _InvalidRow(
+            DUPLICATE_KEY,
+            f"{where}: field {row.duplicates[0]!r} appears twice in the row; expected each field once (JSON keeps "
+            "the last silently)",
         )
     needed = (pf, cf, rf) if explicit else (cf, rf)
     for name in needed:
