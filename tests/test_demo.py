@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -40,7 +41,9 @@ def test_demo_quick_on_a_tiny_model(tmp_path, tiny_dir, one_thread, capsys):
     out = tmp_path / "demo"
     page = run_demo(out, quick=True, model=str(tiny_dir), progress=False)
     assert page == out / "report.html"
-    assert f"report: {page.resolve()}" in capsys.readouterr().out.replace("\n", "")
+    printed = capsys.readouterr().out
+    assert f"report: {page.resolve()}" in printed.replace("\n", "")
+    assert printed.count("report.html") >= 3  # both runs' reports and the comparison page
     for f in (
         "data/train.jsonl",
         "data/eval.jsonl",
@@ -50,10 +53,17 @@ def test_demo_quick_on_a_tiny_model(tmp_path, tiny_dir, one_thread, capsys):
         "dpo/probes.parquet",
         "dpo/report.html",
         "dpo/ches_scores.parquet",
-        "bdpo/metrics.jsonl",
-        "bdpo/report.html",
     ):
         assert (out / f).is_file(), f
+    # the mitigation is the DPO verdict's first remedy (rpo when it has none): one more run directory
+    runs = sorted(p.parent.name for p in out.glob("*/metrics.jsonl"))
+    assert len(runs) == 2 and "dpo" in runs, runs
+    other = next(r for r in runs if r != "dpo")
+    assert (out / other / "report.html").is_file()
+    # the data: bundled HH-RLHF pairs, each chosen reply against the same reply said twice
+    rows = [json.loads(x) for x in (out / "data/train.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == r["chosen"] * 2 for r in rows) and rows[0]["prompt"].startswith("\n\nHuman:")
+
     # CHES filtering dropped the top quarter (rounded) of the 6 train pairs
     n_train = len((out / "data/train.jsonl").read_text().splitlines())
     n_kept = len((out / "data/train_ches_filtered.jsonl").read_text().splitlines())
@@ -100,3 +110,46 @@ def test_demo_quick_on_the_embedded_model_through_the_cli(tmp_path):
         shot = tmp_path / "shot.png"
         screenshot(out / "report.html", shot, height=2000)
         assert shot.stat().st_size > 20000
+
+
+@pytest.mark.slow
+def test_make_demo_displaces_likelihood_and_the_mitigation_keeps_it(tmp_path):
+    """`preflens demo` at its full budget (what `make demo` runs): read back from the run directories, DPO's
+    chosen log-prob fell by more than the noise tolerance in most eval pairs, the mitigation's run has at
+    least 25 percentage points fewer such pairs, and each printed verdict names what its numbers show."""
+    import os
+    import sys
+
+    import pandas as pd
+
+    from preflens.diagnostics.displacement import fell_tolerance
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    exe = shutil.which("preflens", path=os.path.dirname(sys.executable)) or "preflens"
+    res = subprocess.run(
+        [exe, "demo", "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=3600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    tol = fell_tolerance("float32", "no")
+
+    def fell(run: str) -> tuple[float, int]:
+        p = pd.read_parquet(out / run / "pairs.parquet")
+        p = p[p["split"] == "eval"].sort_values(["pair_id", "step"])
+        g = p.groupby("pair_id")["chosen"]
+        dc = g.last() - g.first()  # written out: last measurement minus first, per pair
+        return float((dc < -tol).mean()), len(dc)
+
+    runs = sorted(p.parent.name for p in out.glob("*/pairs.parquet"))
+    other = next(r for r in runs if r != "dpo")
+    f_dpo, n = fell("dpo")
+    f_mit, _ = fell(other)
+    assert n >= 8 and f_dpo > 0.5, (f_dpo, n)
+    assert f_dpo - f_mit >= 0.25, (f_dpo, f_mit)
+    text = " ".join(res.stdout.split())  # rich wraps long lines
+    assert "likelihood displacement: the chosen log-prob fell by more than" in text
+    assert f"in {f_dpo:.0%} of eval pairs (n={n})" in text
+    assert f"in {f_mit:.0%} of eval pairs (n={n})" in text
+    page = (out / "report.html").read_text()
+    assert "dpo: verdict: likelihood displacement" in page and f"{other}: verdict:" in page
+    assert "seed 0" not in page.lower()

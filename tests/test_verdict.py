@@ -36,11 +36,14 @@ def _run(tmp_path, dchosen, drejected, *, steps=(0, 5, 10), loss=(0.69, 0.6, 0.5
     return run
 
 
-def _texts(run_dir):
+def _ches(run_dir):
     from preflens.report.runs import ches_result
 
-    run = load_run(run_dir)
-    return diagnose(run, ches=ches_result(run))
+    return ches_result(load_run(run_dir))
+
+
+def _texts(run_dir):
+    return diagnose(load_run(run_dir), ches=_ches(run_dir))
 
 
 def test_healthy_run_is_green_with_no_red_line(tmp_path):
@@ -77,6 +80,7 @@ def test_displaced_with_ches_ranking_recommends_ches_filtering(tmp_path):
     rd = _run(tmp_path, [-3.0, -2.0, -1.0, -0.5], [-6.0] * 4, ches=[4.0, 3.0, 2.0, 1.0])
     tries = next(f for f in _texts(rd) if f.kind == "try").text
     assert "CHES filtering" in tries and "Spearman(CHES, chosen change) = -1.00" in tries
+    assert run_verdict(load_run(rd), ches=_ches(rd)).remedies == ["rpo", "ches"]
 
 
 def test_entangled_run_rejected_rose_with_chosen(tmp_path):

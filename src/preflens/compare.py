@@ -23,9 +23,17 @@ from matplotlib import colormaps
 
 from preflens.errors import PreflensError
 from preflens.losses import LOSSES, loss_hparams
-from preflens.report import Finding, frac_chosen_fell_by_step, generate_report, load_run, render_html
+from preflens.report import (
+    Finding,
+    frac_chosen_fell_by_step,
+    generate_report,
+    load_run,
+    render_html,
+    run_verdict,
+)
 from preflens.report.figures import CHOSEN, REJECTED, Figure, new_fig, save_fig, style_axes
 from preflens.report.papers import YUAN
+from preflens.report.runs import ches_result
 from preflens.train import TrainConfig, train
 
 __all__ = ["RunSummary", "summarize_run", "compare_runs", "run_compare"]
@@ -47,6 +55,8 @@ class RunSummary:
     margin: float
     accuracy: float
     cond1_violated: float
+    verdict: str = ""  # the run's verdict headline (report.verdict)
+    verdict_severity: str = "info"
 
 
 def _last(m: Any, key: str) -> float:
@@ -97,7 +107,10 @@ def summarize_run(name: str, run_dir: str | Path) -> RunSummary:
         c1 = float(run.probes["cond1_violated"].astype(float).mean())
     elif "probe/frac_cond1_violated" in run.metric_rows("probe").columns:
         c1 = float(run.metric_rows("probe")["probe/frac_cond1_violated"].mean())
+    v = run_verdict(run, ches_result(run))
     return RunSummary(
+        verdict=v.headline,
+        verdict_severity=v.severity,
         name=name,
         run_dir=Path(run_dir),
         split=split,
@@ -174,7 +187,7 @@ def _table_html(summaries: list[RunSummary], out: Path) -> str:
     esc = html.escape
     rows = [
         "<h2>End of run</h2><table><tr><th>loss</th><th>Δ chosen</th><th>Δ rejected</th>"
-        "<th>chosen fell</th><th>margin</th><th>accuracy</th><th>cond. 1 violated</th><th>report</th></tr>"
+        "<th>chosen fell</th><th>margin</th><th>accuracy</th><th>cond. 1 violated</th><th>verdict</th><th>report</th></tr>"
     ]
     for s in summaries:
         rep = s.run_dir / "report.html"
@@ -186,30 +199,35 @@ def _table_html(summaries: list[RunSummary], out: Path) -> str:
             f"<tr><td>{esc(s.name)}</td><td>{_fmt(s.chosen_change)}</td><td>{_fmt(s.rejected_change)}</td>"
             f"<td>{_fmt(s.frac_chosen_fell, True)}</td><td>{_fmt(s.margin)}</td>"
             f"<td>{_fmt(s.accuracy, True)}</td><td>{_fmt(s.cond1_violated, True)}</td>"
+            f"<td class='{esc(s.verdict_severity)}'>{esc(s.verdict)}</td>"
             f"<td><a href='{esc(link)}'>{esc(s.name)}</a></td></tr>"
         )
     rows.append(
         "</table><p class='cap'>Δ: mean change of summed log-prob (nats) from the first to the last "
-        "measurement; chosen fell: share of pairs whose chosen log-prob ended below its start.</p>"
+        "measurement; chosen fell: share of pairs whose chosen log-prob ended more than the noise tolerance "
+        "below its start; verdict: the run's own report's first line.</p>"
     )
     return "".join(rows)
 
 
 def comparison_findings(summaries: list[RunSummary]) -> list[Finding]:
-    """One line per loss: did chosen and rejected move together, did chosen fall."""
+    """One line per run: its verdict (coloured as in its own report), then how chosen and rejected moved."""
     out = []
     for s in summaries:
+        if s.verdict:
+            out.append(Finding("verdict", f"{s.name}: verdict: {s.verdict}", s.verdict_severity))
         if math.isnan(s.chosen_change):
             out.append(Finding("info", f"{s.name}: no log-prob trajectory in the run dir", "info"))
             continue
         if s.chosen_change < 0 and s.rejected_change < 0:
-            what, sev = "both fell (synchronized decrease)", "warn"
+            what = "both fell (synchronized decrease)"
         elif s.chosen_change > 0 and s.rejected_change > 0:
-            what, sev = "both rose (synchronized increase)", "warn"
+            what = "both rose (synchronized increase)"
         elif s.chosen_change >= 0:
-            what, sev = "chosen rose, rejected fell", "ok"
+            what = "chosen rose, rejected fell"
         else:
-            what, sev = "chosen fell, rejected rose", "warn"
+            what = "chosen fell, rejected rose"
+        sev = "info"  # the movement is context; the verdict above says whether it is a failure
         fell = (
             ""
             if math.isnan(s.frac_chosen_fell)

@@ -1,4 +1,4 @@
-"""`preflens demo`: CHES, DPO with probes, one mitigation and the report, on the embedded model."""
+"""`preflens demo`: a DPO run that displaces likelihood, its diagnosis and the fix, on the embedded model."""
 
 from __future__ import annotations
 
@@ -17,17 +17,19 @@ def register(app: typer.Typer) -> None:
         ),
         quick: bool = typer.Option(False, "--quick", help="the smallest budget (a smoke test, for tests)"),
         mitigation: str = typer.Option(
-            "bdpo",
+            "auto",
             "--mitigation",
-            help="what to train after DPO: bdpo, normalized, ches (CHES-filtered data) or rpo",
+            help="what to train after DPO: auto (the DPO verdict's first remedy), rpo, ches (CHES-filtered "
+            "data), normalized, bdpo or dpop",
         ),
         model: str = typer.Option(
             None, "--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct"
         ),
     ) -> None:
-        """Run all of preflens on the embedded SmolLM2-135M-Instruct, offline, on a CPU (about five
-        minutes): a synthetic preference set, CHES scores, DPO with LoRA and gradient probes, one
-        mitigation, and a report. Prints where the report is."""
+        """Run all of preflens on the embedded SmolLM2-135M-Instruct, offline, on a CPU (minutes): HH-RLHF
+        pairs set up so that DPO displaces the chosen likelihood, CHES scores, DPO with LoRA and probes,
+        the mitigation its verdict recommends from the same start, each run's report and a comparison
+        page. Prints both verdicts and where the page is."""
         from preflens.demo import run_demo
 
         run_demo(output_dir, quick=quick, mitigation=mitigation, model=model)

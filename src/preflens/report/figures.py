@@ -298,10 +298,23 @@ def _fig_pred_vs_obs(run: RunData, out: Path) -> Figure | None:
     # a probe row at step s holds the change observed since the previous probe (obs_delta_*) and what
     # that previous probe predicted for it (pred_at_prev_*: its batch first-order change per step,
     # times the steps between the probes), ARCHITECTURE.md's probes.parquet
-    pc = find_column(p, "pred_at_prev_chosen")
-    oc = find_column(p, "obs_delta_chosen")
-    pr = find_column(p, "pred_at_prev_rejected")
-    orr = find_column(p, "obs_delta_rejected")
+    # preferred: the optimizer's own last step before the probe, <g_i, delta theta> against the observed change
+    # (diagnostics.update_prediction: like with like, whatever the optimizer)
+    upd = find_column(p, "update_pred_chosen") is not None and p["update_pred_chosen"].notna().any()
+    if upd:
+        pc, oc, pr, orr = (
+            "update_pred_chosen",
+            "update_obs_chosen",
+            "update_pred_rejected",
+            "update_obs_rejected",
+        )
+        ylabel = "predicted Δ = <g, Δθ> (optimizer's step)"
+    else:
+        pc = find_column(p, "pred_at_prev_chosen")
+        oc = find_column(p, "obs_delta_chosen")
+        pr = find_column(p, "pred_at_prev_rejected")
+        orr = find_column(p, "obs_delta_rejected")
+        ylabel = "predicted Δ (paper's SGD form)"
     if not ((pc and oc) or (pr and orr)):
         return None
     fig, axes = new_fig(ncols=2, width=4.4, height=3.8)
@@ -317,18 +330,29 @@ def _fig_pred_vs_obs(run: RunData, out: Path) -> Figure | None:
             ax.axvline(0, color="black", linewidth=0.5)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color=GREY)
-        style_axes(
-            ax, f"{name}: predicted vs observed change", "observed Δ", "predicted Δ (first order, SGD)"
-        )
+        style_axes(ax, f"{name}: predicted vs observed change", "observed Δ", ylabel)
     save_fig(fig, out / "pred_vs_obs.png")
     return Figure(
         "pred_vs_obs",
         "First-order prediction vs observed change",
         out / "pred_vs_obs.png",
-        "Per probed pair: the first-order change predicted at one probe from the gradient Gram and the "
-        "margin weights (one SGD step of the current learning rate, times the steps to the next probe) "
-        "against the change observed at the next probe. With Adam the magnitudes differ; the signs are "
-        "what the conditions test.",
+        _pred_caption(upd),
+    )
+
+
+def _pred_caption(upd: bool) -> str:
+    if upd:
+        return (
+            "Per probed pair and probe: the change of its chosen/rejected log-prob predicted to first order from "
+            "the optimizer's actual last update before the probe (<grad log pi, delta theta>, whatever the "
+            "optimizer did to the gradients) against the change observed by scoring before and after that "
+            "step. On the diagonal, the first-order picture held."
+        )
+    return (
+        f"Per probed pair: the paper's SGD-form first-order change ({YUAN}, Sec. 3: one SGD step of the "
+        "current learning rate from the gradient Gram and the margin weights, times the steps to the next "
+        "probe) against the change observed at the next probe. Under Adam the magnitudes are not comparable; "
+        "this run has no optimizer-aware columns (update_pred_*), recorded by newer versions."
     )
 
 

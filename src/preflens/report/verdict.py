@@ -81,6 +81,9 @@ class Verdict:
     severity: str  # "bad" | "risk" | "ok" | "info"
     headline: str
     tries: list[str] = field(default_factory=list)
+    # the tries as something to run, in the same order: a loss name ("rpo", "normalized") or "ches"
+    # (DPO on the CHES-filtered data); what `preflens demo` trains as the mitigation
+    remedies: list[str] = field(default_factory=list)
     context: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, severity, text)
 
     @property
@@ -229,12 +232,23 @@ def _displaced_tries(ev: Evidence) -> list[str]:
     return tries[:2]
 
 
+def _remedy(text: str) -> str:
+    """The runnable name of a try line ("CHES filtering ..." -> "ches", "rpo (...)" -> "rpo")."""
+    return "ches" if text.startswith("CHES") else text.split(" ", 1)[0]
+
+
 def _since(step: int | None) -> str:
     return f", since step {step}" if step is not None else ""
 
 
 def decide(ev: Evidence) -> Verdict:
     """The verdict from the evidence (see the module docstring for the rules)."""
+    v = _decide(ev)
+    v.remedies = [_remedy(t) for t in v.tries if not t.startswith(("a larger", "check"))]
+    return v
+
+
+def _decide(ev: Evidence) -> Verdict:
     fell, dc, dr = ev.frac_fell, ev.d_chosen, ev.d_rejected
     if fell is None and dc is None:
         return Verdict("unknown", "info", "no per-pair log-probs or log-prob metrics: nothing to decide from")
