@@ -14,6 +14,7 @@ import yaml
 
 from preflens.commands.train import run_train
 from preflens.data.synthetic import sentiment_pairs
+from preflens.errors import RunDirError
 from preflens.train import TrainerCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,7 +350,7 @@ def test_a_checkpoint_cut_short_is_not_resumed_from(setup, monkeypatch):
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", dies_at_step_4)
-    with pytest.raises(RuntimeError, match="No space left"):
+    with pytest.raises(RunDirError, match="No space left"):
         run_train(None, _flags(setup, steps=6, save_every=2))
     monkeypatch.setattr(accelerate.Accelerator, "save_state", real)
     run = setup / "run"
