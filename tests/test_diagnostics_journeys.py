@@ -952,7 +952,7 @@ def test_sequence_gram_checks_its_input_shapes() -> None:
             sequence_gram(model, *bad)
 
 
-def test_ctrl_c_says_aborted_and_exits_130(monkeypatch, capsys) -> None:
+def test_ctrl_c_says_aborted_and_exits_130(monkeypatch, capsys, tmp_path) -> None:
     """Ctrl-C during `preflens probe`/`ches`/`reward-std`: exit 130, and a word saying so (typer
     returns 130 silently in non-standalone mode, so the "aborted" branch of main() never ran)."""
     import sys
@@ -964,7 +964,9 @@ def test_ctrl_c_says_aborted_and_exits_130(monkeypatch, capsys) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(probe_cmd, "run_probe", interrupted)
-    monkeypatch.setattr(sys, "argv", ["preflens", "probe", "--data", "x.jsonl"])
+    data = tmp_path / "x.jsonl"  # a valid file: `probe` checks its data before it starts
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    monkeypatch.setattr(sys, "argv", ["preflens", "probe", "--data", str(data)])
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 130
