@@ -34,6 +34,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -144,23 +145,12 @@ def concentration(effects: Sequence[float], fractions: Sequence[float] = (0.05, 
 
 
 def rank_agreement(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman rank correlation of two scores over the same pairs (None: fewer than 3, or constant)."""
+    """Spearman rank correlation of two scores over the same pairs (None: fewer than 3, or constant).
+
+    pandas' average ranks of ties, as `ches_scan`'s Spearman uses them."""
     if len(a) < 3 or len(a) != len(b):
         return None
-    ta, tb = torch.tensor(list(a), dtype=torch.float64), torch.tensor(list(b), dtype=torch.float64)
-
-    def ranks(x: Tensor) -> Tensor:
-        order = torch.argsort(x, stable=True)
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=x.dtype)
-        # average ranks of ties
-        for v in torch.unique(x):
-            m = x == v
-            if int(m.sum()) > 1:
-                r[m] = r[m].mean()
-        return r
-
-    ra, rb = ranks(ta), ranks(tb)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return None if den == 0 else float((ra * rb).sum() / den)
+    ra = pd.Series(list(a), dtype="float64").rank()
+    rb = pd.Series(list(b), dtype="float64").rank()
+    r = float(ra.corr(rb))
+    return None if math.isnan(r) else r

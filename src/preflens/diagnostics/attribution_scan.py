@@ -21,7 +21,6 @@ One process; the model is used in eval mode (no dropout).
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from tqdm.auto import tqdm
 
 from preflens import models
 from preflens.data.collate import collate_pairs, tokenize_pairs
-from preflens.data.formats import DATA_SUFFIXES, load_pairs, write_pairs
+from preflens.data.formats import load_pairs
 from preflens.diagnostics.attribution import pair_effects, rank_agreement
+from preflens.diagnostics.ches_scan import check_drop_options, top_fraction, write_filtered
 from preflens.errors import PreflensError
 from preflens.grad.cross import objective_cross, probe_parts
 from preflens.logprobs import pair_logps_from_batch
@@ -43,16 +43,7 @@ __all__ = ["run_attribution", "top_pushers"]
 
 
 def _check(data: Path, output: Path, drop_top: float | None, filtered_output: Path | None, loss: str) -> None:
-    if drop_top is not None:
-        if not 0.0 <= drop_top < 1.0:
-            raise PreflensError(f"--drop-top is a fraction in [0, 1), got {drop_top}")
-        if filtered_output is None:
-            raise PreflensError("--drop-top needs --filtered-output FILE (where the kept pairs go)")
-    if filtered_output is not None and Path(filtered_output).suffix.lower() not in DATA_SUFFIXES:
-        raise PreflensError(
-            f"--filtered-output {filtered_output}: cannot write {Path(filtered_output).suffix!r} files; "
-            f"expected one of {', '.join(DATA_SUFFIXES)}"
-        )
+    check_drop_options(drop_top, filtered_output)
     if output.suffix.lower() != ".parquet":
         raise PreflensError(f"--output {output}: the attribution is a parquet table; name it *.parquet")
     if not data.exists():
@@ -65,9 +56,7 @@ def _check(data: Path, output: Path, drop_top: float | None, filtered_output: Pa
 
 def top_pushers(df: pd.DataFrame, fraction: float) -> set[int]:
     """pair_index of the floor(fraction * n) pairs with the most negative effect on the probes' chosen."""
-    k = int(math.floor(fraction * len(df) + 1e-9))
-    ranked = df.sort_values(["effect_chosen", "pair_index"], ascending=[True, True], kind="stable")
-    return set(int(i) for i in ranked["pair_index"].iloc[:k])
+    return top_fraction(df, "effect_chosen", fraction, highest=False)
 
 
 def _batch_to(batch: dict[str, Any], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,11 +177,12 @@ def run_attribution(
     if drop_top is not None:
         top = top_pushers(df, drop_top)
         df["dropped"] = df["pair_index"].isin(top)
-        kept = [p for p in pairs if p.pair_id not in top]
-        Path(filtered_output).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-        write_pairs(kept, filtered_output)  # type: ignore[arg-type]
+        write_filtered(pairs, top, filtered_output)  # type: ignore[arg-type]
         summary.update(
-            drop_top=drop_top, dropped=len(top), kept=len(kept), filtered_output=str(filtered_output)
+            drop_top=drop_top,
+            dropped=len(top),
+            kept=sum(p.pair_id not in top for p in pairs),
+            filtered_output=str(filtered_output),
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")

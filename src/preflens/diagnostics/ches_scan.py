@@ -38,7 +38,15 @@ from preflens.data.formats import DATA_SUFFIXES, load_pairs, write_pairs
 from preflens.diagnostics.ches import ches_from_sums, response_hidden_sums
 from preflens.errors import PreflensError, RunDirError
 
-__all__ = ["run_ches", "edit_similarity", "top_indices", "SCHEMA_VERSION"]
+__all__ = [
+    "run_ches",
+    "edit_similarity",
+    "top_indices",
+    "top_fraction",
+    "check_drop_options",
+    "write_filtered",
+    "SCHEMA_VERSION",
+]
 
 SCHEMA_VERSION = 1
 
@@ -213,11 +221,31 @@ def _merge(parts: Path, length_normalized: bool) -> tuple[pd.DataFrame, int]:
     return df, dropped
 
 
+def top_fraction(table: pd.DataFrame, column: str, fraction: float, *, highest: bool) -> set[int]:
+    """pair_index of the floor(fraction * n) pairs ranked first by `column` (highest or lowest first;
+    ties: lower pair_index first). The one ranking rule of every `--drop-top` (ches, attribute)."""
+    k = int(math.floor(fraction * len(table) + 1e-9))
+    ranked = table.sort_values([column, "pair_index"], ascending=[not highest, True], kind="stable")
+    return set(int(i) for i in ranked["pair_index"].iloc[:k])
+
+
 def top_indices(scores: pd.DataFrame, fraction: float) -> set[int]:
     """pair_index of the floor(fraction * n) highest-scoring pairs (ties: lower pair_index first)."""
-    k = int(math.floor(fraction * len(scores) + 1e-9))
-    ranked = scores.sort_values(["score", "pair_index"], ascending=[False, True], kind="stable")
-    return set(int(i) for i in ranked["pair_index"].iloc[:k])
+    return top_fraction(scores, "score", fraction, highest=True)
+
+
+def check_drop_options(drop_top: float | None, filtered_output: Path | None) -> None:
+    """`--drop-top` / `--filtered-output`, checked before any model is loaded (ches, attribute)."""
+    if drop_top is not None:
+        if not 0.0 <= drop_top < 1.0:
+            raise PreflensError(f"--drop-top is a fraction in [0, 1), got {drop_top}")
+        if filtered_output is None:
+            raise PreflensError("--drop-top needs --filtered-output FILE (where the kept pairs go)")
+    if filtered_output is not None and Path(filtered_output).suffix.lower() not in DATA_SUFFIXES:
+        raise PreflensError(
+            f"--filtered-output {filtered_output}: cannot write {Path(filtered_output).suffix!r} files; "
+            f"expected one of {', '.join(DATA_SUFFIXES)}"
+        )
 
 
 def _check_options(
@@ -230,16 +258,7 @@ def _check_options(
     chunk_size: int,
 ) -> None:
     """Every option checked before the model is loaded, not after scoring the whole dataset."""
-    if drop_top is not None:
-        if not 0.0 <= drop_top < 1.0:
-            raise PreflensError(f"--drop-top is a fraction in [0, 1), got {drop_top}")
-        if filtered_output is None:
-            raise PreflensError("--drop-top needs --filtered-output FILE (where the kept pairs go)")
-    if filtered_output is not None and Path(filtered_output).suffix.lower() not in DATA_SUFFIXES:
-        raise PreflensError(
-            f"--filtered-output {filtered_output}: cannot write {Path(filtered_output).suffix!r} files; "
-            f"expected one of {', '.join(DATA_SUFFIXES)}"
-        )
+    check_drop_options(drop_top, filtered_output)
     if output.suffix.lower() != ".parquet":
         raise PreflensError(f"--output {output}: the scores are a parquet table; name it *.parquet")
     if batch_size < 1 or chunk_size < 1:
@@ -317,7 +336,7 @@ def _score_chunks(
         bar.close()
 
 
-def _write_filtered(pairs: list[Any], top: set[int], filtered_output: Path) -> Path:
+def write_filtered(pairs: list[Any], top: set[int], filtered_output: Path) -> Path:
     """The input pairs minus the dropped ones, in the input's format, order kept."""
     kept = [p for p in pairs if p.pair_id not in top]
     filtered_output = Path(filtered_output)
@@ -376,7 +395,7 @@ def _finish(
     if drop_top is not None:
         top = top_indices(df, drop_top)
         df["dropped"] = df["pair_index"].isin(top)
-        kept_path = _write_filtered(pairs, top, filtered_output)
+        kept_path = write_filtered(pairs, top, filtered_output)
     tmp = output.with_name(output.name + ".tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, output)

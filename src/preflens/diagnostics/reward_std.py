@@ -290,7 +290,9 @@ def check_sampler(name: str) -> None:
     if name not in SAMPLERS:
         raise PreflensError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise PreflensError("--sampler vllm: the vllm package is not installed (pip install vllm; it needs a GPU)")
+        raise PreflensError(
+            "--sampler vllm: the vllm package is not installed (pip install vllm; it needs a GPU)"
+        )
 
 
 def make_sampler(name: str, model: nn.Module, tokenizer: Any, *, seed: int = 0) -> Any:
