@@ -45,12 +45,9 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 def _check_early(output: Path, batch_size: int, lr: float, token_level: int, max_memory: str | None) -> None:
     """The options `run_probe` would refuse, checked before torch is imported."""
-    if Path(output).suffix.lower() != ".parquet":
-        raise PreflensError(f"--output {output}: the per-pair table is parquet; name it *.parquet")
-    if batch_size < 1:
-        raise PreflensError(f"--batch-size must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise PreflensError(f"--lr must be > 0, got {lr}")
+    from preflens.diagnostics.probe_options import check_probe_options  # torch-free
+
+    check_probe_options(output, batch_size, lr)
     if token_level < 0:
         raise PreflensError(f"--token-level must be >= 0, got {token_level}")
     opt.parse_bytes(max_memory, "--max-memory")

@@ -26,6 +26,7 @@ from preflens import models  # models.load_model looked up per call: tests subst
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import load_pairs
 from preflens.diagnostics.entanglement import entanglement_from_gram, token_entanglement
+from preflens.diagnostics.probe_options import check_probe_options
 from preflens.diagnostics.probe_state import probe_rows
 from preflens.errors import PreflensError
 from preflens.grad import sequence_gram_and_logps
@@ -123,12 +124,7 @@ def run_probe(
     `max_memory` (bytes; None: half the free memory): every Gram pass is planned against it before the
     first one runs (`preflens.grad.memory`): chunked to fit, or refused up front naming layer, shape, bytes.
     """
-    if Path(output).suffix.lower() != ".parquet":
-        raise PreflensError(f"--output {output}: the per-pair table is parquet; name it *.parquet")
-    if batch_size < 1:
-        raise PreflensError(f"--batch-size must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise PreflensError(f"--lr must be > 0, got {lr}")
+    check_probe_options(output, batch_size, lr)
     loss_fn = get_loss(loss, **(loss_kwargs or {}))
     if loss in TOKEN_LEVEL_LOSSES:
         raise PreflensError(
