@@ -128,3 +128,67 @@ def test_fused_head_under_autocast_matches_the_autocast_module_path(monkeypatch)
         ref = want_g[name]
         rel = float((g - ref).norm() / ref.norm().clamp_min(1e-12))
         assert rel < 0.03, (name, rel)
+
+
+# -- WPO's per-token log sum_v pi(v)^2 (TRL's use_weighting) -------------------------------------------
+
+
+def _reference_log_sum_sq(model, ids, attn, resp):
+    """log sum_v pi(v)^2 from the model's own full logits: logsumexp(2 log_softmax(z)), left-aligned."""
+    logits = model(input_ids=ids, attention_mask=attn).logits.double()
+    lss = torch.logsumexp(2.0 * torch.log_softmax(logits[:, :-1], -1), -1)  # [N, T-1], predicts t+1
+    out = []
+    for s in range(ids.shape[0]):
+        pos = resp[s].nonzero().squeeze(-1)
+        out.append(lss[s, pos - 1])
+    return out
+
+
+@pytest.mark.parametrize("path", ["fused", "checkpointed", "no_grad", "model_logits"])
+@pytest.mark.parametrize("chunk_rows", [5, 10**6])
+def test_log_sum_sq_matches_the_full_logits(path, chunk_rows, monkeypatch):
+    """Every head path (the fused autograd Function, the checkpointed chunks a hooked head falls back to,
+    the no-grad chunks of eval/reference passes, the model's own logits for heads that cannot be split)
+    gives log sum_v pi(v)^2 per response token equal to the full-logits reference, chunked or not."""
+    import preflens.logprobs as lp_mod
+
+    model = _model(seed=5)
+    ids, attn, resp = _batch(6)
+    calls = []
+    real_apply = lp_mod._FusedLinearLogps.apply
+    monkeypatch.setattr(lp_mod._FusedLinearLogps, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    if path == "checkpointed":
+        monkeypatch.setattr(lp_mod, "_can_fuse", lambda head: False)
+    if path == "model_logits":
+        monkeypatch.setattr(lp_mod, "split_backbone_and_head", lambda m: None)
+    with torch.set_grad_enabled(path != "no_grad"):
+        out = sequence_logps(model, ids, attn, resp, return_log_sum_sq=True, chunk_rows=chunk_rows)
+    assert bool(calls) == (path == "fused")
+    assert out.token_log_sum_sq is not None and not out.token_log_sum_sq.requires_grad  # detached, as TRL
+    want = _reference_log_sum_sq(model, ids, attn, resp)
+    for s, w in enumerate(want):
+        got = out.token_log_sum_sq[s].double()
+        torch.testing.assert_close(got[: len(w)], w, atol=1e-6, rtol=1e-6)
+        assert (got[len(w) :] == 0).all()
+
+
+def test_log_sum_sq_leaves_logps_and_their_gradient_unchanged():
+    """Asking for log sum p^2 adds an output; the log-probs and the parameter gradients are the ones
+    without it (the fused backward ignores the non-differentiable second output)."""
+    model = _model(seed=7)
+    ids, attn, resp = _batch(8)
+    w = torch.randn(ids.shape[0])
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        out = sequence_logps(model, ids, attn, resp, chunk_rows=5, return_log_sum_sq=flag)
+        (out.logps * w).sum().backward()
+        grads.append((out.logps.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert (out.token_log_sum_sq is not None) == flag
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=0, rtol=0)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    p = pair_logps_from_batch(out)
+    b = ids.shape[0] // 2
+    torch.testing.assert_close(p.chosen_log_sum_sq, out.token_log_sum_sq[:b])
+    torch.testing.assert_close(p.rejected_log_sum_sq, out.token_log_sum_sq[b:])

@@ -81,7 +81,7 @@ class PairLogps:
     chosen_grad_norm: Tensor | None = None
     rejected_grad_norm: Tensor | None = None
     # per response token log sum_v pi(v | prefix)^2, [B, L] like chosen_tokens (WPO's weight, TRL's
-    # use_weighting; not computed by the fused head: filled by callers that have it)
+    # use_weighting): `sequence_logps(..., return_log_sum_sq=True)` computes it in the head's chunks
     chosen_log_sum_sq: Tensor | None = None
     rejected_log_sum_sq: Tensor | None = None
 
@@ -149,6 +149,8 @@ class SequenceLogps:
     """[N, L] the response token ids in the same layout (-1 on padding)."""
     hidden: Tensor | None = None
     """[N, L, d] last hidden state (input of the unembedding) at the position predicting each response token."""
+    token_log_sum_sq: Tensor | None = None
+    """[N, L] log sum_v pi(v | prefix)^2 at each response token, same layout (WPO's weight; detached)."""
 
 
 def split_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -182,6 +184,21 @@ def _chunk_logps(head: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _log_sum_sq(z: Tensor, lse: Tensor) -> Tensor:
+    """log sum_v softmax(z)_v^2 = logsumexp(2 z) - 2 logsumexp(z), per row of fp32 logits `z` (WPO's
+    normaliser, Zhou et al. 2024, arXiv 2406.11827, Eq. 2: the probability mass the model would give its
+    own sampled token, on average)."""
+    return torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse
+
+
+def _chunk_logps_sq(head: nn.Module, h: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """`_chunk_logps` and, from the same logits, `_log_sum_sq` detached (TRL detaches WPO's weight)."""
+    logits = head(h).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return tok, _log_sum_sq(logits.detach(), lse.detach())
+
+
 def _autocast_on(device_type: str) -> bool:
     try:
         return bool(torch.is_autocast_enabled(device_type))
@@ -212,25 +229,43 @@ class _FusedLinearLogps(torch.autograd.Function):
     the autograd engine runs outside the autocast context, casts explicitly to the same dtype: the
     matmuls a module's autocast backward would run in bf16 run in bf16 here too, the softmax and the
     weight-gradient accumulation stay in fp32.
+
+    `with_log_sum_sq=True` also returns log sum_v softmax(z)_v^2 per row (WPO's normaliser, TRL's
+    `log_sum_sq_probs`), from the same chunk's logits: one more logsumexp over the chunk, no extra
+    matmul and no [M, V] buffer. It is a non-differentiable output: TRL computes WPO's weight under
+    `torch.no_grad()` (`DPOTrainer._compute_loss`, TRL 1.x), so no gradient ever flows through it, and
+    the backward is the one above. The flag is off on every other path, which is then unchanged.
     """
 
     @staticmethod
     def forward(
-        ctx, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int
-    ) -> Tensor:  # type: ignore[override]
+        ctx,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        chunk_rows: int,
+        with_log_sum_sq: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
         tgt = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty_like(tgt)
+        lss = torch.empty_like(tgt) if with_log_sum_sq else None
         for s in range(0, h.shape[0], chunk_rows):
             z = F.linear(h[s : s + chunk_rows], weight, bias).float()
             lse[s : s + chunk_rows] = torch.logsumexp(z, dim=-1)
             tgt[s : s + chunk_rows] = z.gather(-1, targets[s : s + chunk_rows, None]).squeeze(-1)
+            if lss is not None:
+                lss[s : s + chunk_rows] = _log_sum_sq(z, lse[s : s + chunk_rows])
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_rows = chunk_rows
         ctx.autocast_dtype = _autocast_dtype(h.device.type)
-        return tgt - lse
+        if lss is None:
+            return tgt - lse
+        ctx.mark_non_differentiable(lss)
+        return tgt - lse, lss
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor, *_lss_grad: Tensor):  # type: ignore[override]
         h, weight, bias, targets, lse = ctx.saved_tensors
         cr = ctx.chunk_rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -263,6 +298,7 @@ class _FusedLinearLogps(torch.autograd.Function):
             None if gb is None else gb.to(bias.dtype),
             None,
             None,
+            None,
         )
 
 
@@ -276,13 +312,15 @@ def _can_fuse(head: nn.Module) -> bool:
     )
 
 
+def _needs_grad(head: nn.Module, h: Tensor) -> bool:
+    return torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+
+
 def _selected_logps(head: nn.Module, h: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
     """Log-probs of `targets` [M] given hidden states `h` [M, d], chunked and recomputed in backward."""
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
-    needs_grad = torch.is_grad_enabled() and (
-        h.requires_grad or any(p.requires_grad for p in head.parameters())
-    )
+    needs_grad = _needs_grad(head, h)
     if needs_grad and _can_fuse(head):
         return _FusedLinearLogps.apply(h, head.weight, head.bias, targets, chunk_rows)
     out = []
@@ -293,6 +331,27 @@ def _selected_logps(head: nn.Module, h: Tensor, targets: Tensor, chunk_rows: int
         else:
             out.append(_chunk_logps(head, hc, tc))
     return torch.cat(out)
+
+
+def _selected_logps_and_sq(
+    head: nn.Module, h: Tensor, targets: Tensor, chunk_rows: int
+) -> tuple[Tensor, Tensor]:
+    """`_selected_logps` and each row's log sum_v pi(v)^2 (detached), from the same chunks' logits: the
+    fused head when it applies, else one matmul per chunk giving both (checkpointed under grad)."""
+    if h.shape[0] == 0:
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    needs_grad = _needs_grad(head, h)
+    if needs_grad and _can_fuse(head):
+        tok, lss = _FusedLinearLogps.apply(h, head.weight, head.bias, targets, chunk_rows, True)
+        return tok, lss
+    parts = [
+        checkpoint(_chunk_logps_sq, head, hc, tc, use_reentrant=False)
+        if needs_grad
+        else _chunk_logps_sq(head, hc, tc)
+        for hc, tc in zip(h.split(chunk_rows), targets.split(chunk_rows))
+    ]
+    return torch.cat([t for t, _ in parts]), torch.cat([q for _, q in parts])
 
 
 def _validate(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> None:
@@ -349,6 +408,7 @@ def sequence_logps(
     return_hidden: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     padding_free: bool = False,
+    return_log_sum_sq: bool = False,
 ) -> SequenceLogps:
     """Summed (and optionally per-token) response log-probs of N sequences in one forward pass.
 
@@ -356,6 +416,8 @@ def sequence_logps(
     unembedding is applied only at response-predicting positions, and for `padding_free` (the real
     tokens of all rows in one packed row: no compute spent on padding; needs right padding and a
     model whose attention honours packed position ids, see `check_padding_free`).
+    `return_log_sum_sq`: also `token_log_sum_sq`, log sum_v pi(v | prefix)^2 per response token
+    (WPO's weight, TRL's `use_weighting`), from the head's own chunks, detached (TRL detaches it).
     """
     _validate(input_ids, attention_mask, response_mask)
     response_mask = response_mask.bool()
@@ -379,19 +441,26 @@ def sequence_logps(
         decoder, head = parts
         hidden_all = decoder(**inputs, use_cache=False).last_hidden_state
         h_sel = at_pred(hidden_all)
-        tok = _selected_logps(head, h_sel, targets, chunk_rows)
+        if return_log_sum_sq:
+            tok, lss = _selected_logps_and_sq(head, h_sel, targets, chunk_rows)
+        else:
+            tok, lss = _selected_logps(head, h_sel, targets, chunk_rows), None
     else:  # generic fallback: the model's own logits (e.g. soft-capped heads)
         out = model(**inputs, use_cache=False, output_hidden_states=return_hidden)
         logits = at_pred(out.logits).float()
-        tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        lse = torch.logsumexp(logits, -1)
+        tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        lss = _log_sum_sq(logits.detach(), lse.detach()) if return_log_sum_sq else None
         h_sel = at_pred(out.hidden_states[-1]) if return_hidden else None
 
     lengths = response_mask.sum(1)
     logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     result = SequenceLogps(logps=logps, lengths=lengths)
-    if return_tokens or return_hidden:
+    if return_tokens or return_hidden or lss is not None:
         width = int(lengths.max()) if n else 0
         col = (response_mask.long().cumsum(1) - 1)[rows, pos]
+        if lss is not None:
+            result.token_log_sum_sq = lss.new_zeros(n, width).index_put((rows, col), lss)
         if return_tokens:
             result.token_logps = tok.new_zeros(n, width).index_put((rows, col), tok)
             result.token_mask = torch.zeros(n, width, dtype=torch.bool, device=tok.device).index_put(
@@ -424,6 +493,7 @@ def pair_logps_from_batch(
     p.chosen_tokens, p.rejected_tokens = halves(policy.token_logps)
     p.chosen_mask, p.rejected_mask = halves(policy.token_mask)
     p.chosen_token_ids, p.rejected_token_ids = halves(policy.token_ids)
+    p.chosen_log_sum_sq, p.rejected_log_sum_sq = halves(policy.token_log_sum_sq)
     if ref_tokens is not None:
         p.ref_chosen_tokens, p.ref_rejected_tokens = ref_tokens
     return p
