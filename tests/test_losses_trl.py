@@ -285,11 +285,24 @@ def test_use_weighting_with_sft_where_trl_fails():
     assert float(got) == pytest.approx(float((w[:B] * w[B:] * nll).mean()), rel=1e-12)
 
 
-def test_use_weighting_without_the_fused_head_numbers_is_a_clear_error():
+def test_use_weighting_without_the_head_numbers_is_a_clear_error():
+    """A caller that did not ask the head for log sum p^2 is told how to get it (the trainer asks:
+    tests/test_losses_wpo_train.py); the message no longer says the head cannot."""
     cm, shift, vals, ref, lss = _batch()
     p = _pair_logps(shift, vals, ref, lss).replace(chosen_log_sum_sq=None, rejected_log_sum_sq=None)
-    with pytest.raises(PreflensError, match="use_weighting"):
+    with pytest.raises(PreflensError, match="return_log_sum_sq=True") as e:
         get_loss("sigmoid", use_weighting=True)(p)
+    assert "does not compute" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_use_weighting_with_aot_is_refused_as_trl_refuses_it(name):
+    """TRL's `DPOTrainer.__init__` raises NotImplementedError for use_weighting with aot/aot_unpaired (its
+    `_compute_loss`, called directly, would multiply rank k's loss by pair k's weight): refused here too."""
+    with pytest.raises(PreflensError, match=f"loss '{name}': use_weighting"):
+        get_loss(name, use_weighting=True)
+    with pytest.raises(PreflensError, match="use_weighting"):
+        get_loss(f"sigmoid,{name}", use_weighting=True)
 
 
 def test_weighted_combination_matches_trl_mpo_recipe():

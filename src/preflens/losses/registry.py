@@ -27,6 +27,7 @@ __all__ = [
     "losses_with",
     "loss_names",
     "loss_needs_tokens",
+    "loss_needs_log_sum_sq",
     "loss_options",
     "register_options",
     "LOSS_SEPARATOR",
@@ -168,6 +169,16 @@ def loss_needs_tokens(name: str, **hparams: Any) -> bool:
         if when is not None and when({**_single_hparams(n), **hparams}):
             return True
     return False
+
+
+def loss_needs_log_sum_sq(name: str, **hparams: Any) -> bool:
+    """Whether the loss (or a loss of a combination) reads `PairLogps.chosen_log_sum_sq` /
+    `rejected_log_sum_sq`: TRL's `use_weighting` (WPO) set on a loss that has that option. The trainer
+    then asks the head for log sum_v pi(v)^2 per token (`sequence_logps(return_log_sum_sq=True)`);
+    every other run skips that work."""
+    return bool(hparams.get("use_weighting")) and any(
+        "use_weighting" in loss_options(n) for n in loss_names(name)
+    )
 
 
 def _lookup(name: str) -> Callable[..., Tensor]:

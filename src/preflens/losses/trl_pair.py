@@ -24,10 +24,12 @@ TRL's objective options, as TRL applies them (`DPOTrainer._compute_loss`, TRL 1.
   Only for the losses of the chosen-minus-rejected score (TRL's own list); the others do not take it.
 - `use_weighting` (WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
   arXiv 2406.11827, Eq. 2): each pair's loss times w_w w_l, w = exp(mean over the response of
-  (log pi(y_t) - log sum_v pi(v)^2)), detached. It needs, per response token, log sum_v pi(v | prefix)^2,
-  which preflens's fused head (`preflens.logprobs`) does not compute: the loss reads it from the optional
-  `PairLogps` fields `chosen_log_sum_sq` / `rejected_log_sum_sq` ([B, L], like `chosen_tokens`) and
-  refuses to run without them, so `preflens train` cannot use it yet (a caller that has the numbers can).
+  (log pi(y_t) - log sum_v pi(v)^2)), detached (TRL computes it under `torch.no_grad()`). It reads, per
+  response token, log sum_v pi(v | prefix)^2 from `PairLogps.chosen_log_sum_sq` / `rejected_log_sum_sq`
+  ([B, L], like `chosen_tokens`), which the head of `preflens.logprobs` computes in its own chunks when
+  asked (`sequence_logps(return_log_sum_sq=True)`: the trainer asks when `losses.loss_needs_log_sum_sq`);
+  a caller that did not fill them gets a one-line error. As TRL, not with `aot`/`aot_unpaired` (they sort
+  the pairs, so pair i's weight would multiply another pair's loss).
 
 Losses that couple the pairs of a batch (`aot`, `aot_unpaired`, and `sft` with `token_average=True`)
 return a [B] vector whose *mean* is TRL's batch loss, but whose element i is not "pair i's loss": see
@@ -152,8 +154,8 @@ def wpo_weights(p: PairLogps, loss: str) -> Tensor:
     if p.chosen_log_sum_sq is None or p.rejected_log_sum_sq is None:
         raise PreflensError(
             f"loss '{loss}' with use_weighting=True (WPO) needs log sum_v pi(v)^2 per response token "
-            "(PairLogps.chosen_log_sum_sq / rejected_log_sum_sq), which preflens's fused head does not compute; "
-            "drop use_weighting"
+            "(PairLogps.chosen_log_sum_sq / rejected_log_sum_sq): compute the log-probs with "
+            "sequence_logps(..., return_log_sum_sq=True) and pair_logps_from_batch, or drop use_weighting"
         )
     with torch.no_grad():
 
@@ -190,6 +192,11 @@ def trl_objective(name: str, fn: Callable[..., Tensor], options: dict[str, Any])
     if not isinstance(options.get("use_weighting", False), bool):
         raise PreflensError(
             f"loss '{name}': use_weighting must be true or false, got {options['use_weighting']!r}"
+        )
+    if options.get("use_weighting") and name in ("aot", "aot_unpaired"):
+        raise PreflensError(
+            f"loss '{name}': use_weighting (WPO) is not defined for it (as in TRL): it sorts the batch's "
+            "margins, so a pair's weight would multiply the loss of another rank"
         )
     coef = float(options.get("f_alpha_divergence_coef", 0.5))
     scores = name != "sft"

@@ -115,6 +115,11 @@ def _fill_tokens(
     p.rejected_token_ids = pad_sequence(
         [rows[i]["rejected_token_ids"] for i in ids], batch_first=True, padding_value=-1
     )
+    if "chosen_log_sum_sq" in rows[ids[0]]:  # WPO's weight (use_weighting)
+        p.chosen_log_sum_sq, p.rejected_log_sum_sq = (
+            pad("chosen_log_sum_sq", rows),
+            pad("rejected_log_sum_sq", rows),
+        )
     if "chosen_mask_logits" in rows[ids[0]]:
         p.chosen_mask_logits = pad("chosen_mask_logits", rows)
         p.rejected_mask_logits = pad("rejected_mask_logits", rows)

@@ -36,6 +36,8 @@ class PairScorer:
     want_tokens: bool
     mask_head: Any = None
     padding_free: bool = False
+    want_log_sum_sq: bool = False
+    """Keep log sum_v pi(v)^2 per token at evaluation (WPO's weight, TRL's use_weighting)."""
 
     def batches(self, items: Sequence[TokenizedPair]) -> list[list[TokenizedPair]]:
         """Fixed batches for no-grad passes: sorted by length (little padding), this process's share.
@@ -75,6 +77,7 @@ class PairScorer:
                         return_tokens=self.want_tokens,
                         return_hidden=self.mask_head is not None and not reference,
                         padding_free=self.padding_free,
+                        **({"return_log_sum_sq": True} if self.want_log_sum_sq and not reference else {}),
                     )
                     self._keep(chunk, seq, out)
                     if not reference and (self.mask_head is not None or self.want_tokens):
@@ -134,5 +137,7 @@ class PairScorer:
             row = out[it.pair_id]
             for side, r in (("chosen", i), ("rejected", b + i)):
                 row[f"{side}_token_ids"] = ids[r][mask[r]]
+                if seq.token_log_sum_sq is not None:
+                    row[f"{side}_log_sum_sq"] = seq.token_log_sum_sq[r].float().cpu()[mask[r]]
                 if logits is not None:
                     row[f"{side}_mask_logits"] = logits[r][mask[r]]

@@ -49,7 +49,7 @@ from preflens.logprobs import (
     pair_logps_from_batch,
     sequence_logps,
 )
-from preflens.losses import get_loss, loss_hparams, loss_needs_tokens
+from preflens.losses import get_loss, loss_hparams, loss_needs_log_sum_sq, loss_needs_tokens
 from preflens.tracking import (
     DATA_REPORT_FILE,
     RunTracker,
@@ -144,6 +144,11 @@ class Trainer:
         return loss_needs_tokens(self.config.loss, **self.loss_kwargs)
 
     @property
+    def needs_log_sum_sq(self) -> bool:
+        # WPO's weight (TRL's use_weighting): log sum_v pi(v)^2 per token from the head (losses.trl_pair)
+        return loss_needs_log_sum_sq(self.config.loss, **self.loss_kwargs)
+
+    @property
     def needs_grad_norms(self) -> bool:
         return self.config.loss == "normalized"
 
@@ -181,7 +186,7 @@ class Trainer:
         self.scorer = PairScorer(
             self.accelerator, self.model, self._forward_module, self.tokenizer.pad_token_id,
             cfg.eval_batch_size or cfg.batch_size, fresh_lora=parts.fresh_lora, want_tokens=self.needs_tokens,
-            mask_head=self.mask_head, padding_free=cfg.padding_free,
+            mask_head=self.mask_head, padding_free=cfg.padding_free, want_log_sum_sq=self.needs_log_sum_sq,
         )  # fmt: skip
         if cfg.padding_free:  # refuse to train packed unless packing is exact for this model
             self.say(self.scorer.verify_padding_free(self.train_items[:4]))
@@ -287,6 +292,8 @@ class Trainer:
             with self.accelerator.autocast():
                 norms = sequence_grad_norms(self.accelerator.unwrap_model(self.model), ids, am, rm)
         kw = dict(return_tokens=self.needs_tokens, return_hidden=self.mask_head is not None)
+        if self.needs_log_sum_sq:
+            kw["return_log_sum_sq"] = True
         with self.accelerator.autocast():
             if self._ddp is not None:
                 seq = self._ddp(ids, am, rm, padding_free=self.config.padding_free, **kw)
