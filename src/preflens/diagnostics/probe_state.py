@@ -130,8 +130,11 @@ class ProbeRunner:
         reduction: str = "mean",
         ref_tokens: tuple[Tensor, Tensor] | None = None,
         fell_tol: float = 1e-4,
+        log_sum_sq: bool = False,
     ) -> None:
         self.model = model
+        # also log sum_v pi(v)^2 per token (WPO's weight: a loss with TRL's use_weighting reads it)
+        self.log_sum_sq = log_sum_sq
         # nats a log-prob must move to count as fallen/risen: re-scoring noise is not displacement
         # (`diagnostics.displacement.fell_tolerance`: 1e-4 in float32, 1e-2 in bf16, as the trainer's metrics)
         self.fell_tol = fell_tol
@@ -156,9 +159,11 @@ class ProbeRunner:
         b = self.batch
         with torch.no_grad():
             seq = sequence_logps(
-                self.model, b["input_ids"], b["attention_mask"], b["response_mask"], return_tokens=True
-            )
+                self.model, b["input_ids"], b["attention_mask"], b["response_mask"], return_tokens=True,
+                **({"return_log_sum_sq": True} if self.log_sum_sq else {}),
+            )  # fmt: skip
         q = pair_logps_from_batch(seq)
+        p.chosen_log_sum_sq, p.rejected_log_sum_sq = q.chosen_log_sum_sq, q.rejected_log_sum_sq
         width = q.chosen_tokens.shape[1]  # type: ignore[union-attr]
 
         def fit(x: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from preflens.losses.registry import (
     loss_needs_log_sum_sq,
     loss_needs_tokens,
     loss_options,
+    loss_token_weighted,
     losses_with,
     register_loss,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "loss_options",
     "loss_needs_tokens",
     "loss_needs_log_sum_sq",
+    "loss_token_weighted",
     "TRL_LOSS_TYPES",
     "margin_weights",
     "LossFn",

@@ -28,6 +28,7 @@ __all__ = [
     "loss_names",
     "loss_needs_tokens",
     "loss_needs_log_sum_sq",
+    "loss_token_weighted",
     "loss_options",
     "register_options",
     "LOSS_SEPARATOR",
@@ -48,6 +49,9 @@ _TRAITS: dict[str, set[str]] = {"token_level": set(), "reference_free": set()}
 # Losses that read the per-token fields only for some hyper-parameters (TRL's `ld_alpha`, `use_weighting`):
 # name -> predicate on the bound hyper-parameters (`loss_needs_tokens`).
 _TOKEN_LEVEL_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {}
+# Losses whose gradient reaches the per-token log-probs with weights of their own (not one weight per
+# sequence) only for some hyper-parameters (TRL's `ld_alpha`): name -> predicate (`loss_token_weighted`).
+_TOKEN_WEIGHTED_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {}
 # Objective options of a loss that are not arguments of its function (TRL's `ld_alpha`,
 # `f_divergence_type`, `use_weighting` around `dpo` registered as `sigmoid`): name -> (defaults, apply),
 # apply(name, fn, options) -> a function of (p, **hparams) with the options applied (`register_options`).
@@ -139,6 +143,7 @@ def register_options(
     apply: Callable[..., Callable[..., Tensor]],
     *,
     token_level_when: Callable[[dict[str, Any]], bool] | None = None,
+    token_weighted_when: Callable[[dict[str, Any]], bool] | None = None,
 ) -> None:
     """Give the registered loss `name` objective options beyond its function's arguments.
 
@@ -146,11 +151,15 @@ def register_options(
     `beta` alone), and TRL's options (`ld_alpha`, `f_divergence_type`, ...) belong to TRL's names.
     `get_loss(name, **options)` calls `apply(name, fn, options)` when an option differs from its
     default (at the defaults the loss is `fn` itself); `loss_hparams(name, options=True)` lists them.
+    `token_level_when(hparams)`: the options make the loss read the per-token fields; `token_weighted_when`:
+    they make its gradient weigh tokens individually (see `loss_token_weighted`).
     """
     _lookup(name)
     _OPTIONS[name] = (dict(defaults), apply)
     if token_level_when is not None:
         _TOKEN_LEVEL_WHEN[name] = token_level_when
+    if token_weighted_when is not None:
+        _TOKEN_WEIGHTED_WHEN[name] = token_weighted_when
 
 
 def loss_options(name: str) -> dict[str, Any]:
@@ -179,6 +188,29 @@ def loss_needs_log_sum_sq(name: str, **hparams: Any) -> bool:
     return bool(hparams.get("use_weighting")) and any(
         "use_weighting" in loss_options(n) for n in loss_names(name)
     )
+
+
+def loss_token_weighted(name: str, **hparams: Any) -> list[str]:
+    """Why the gradient of this loss (or of a loss of a combination) is not one weight per sequence times
+    the gradient of its summed log-prob: one reason per such loss, empty when it is.
+
+    Diagnostics that read a step's gradient through the per-sequence weight dL/d logp_s (the fused
+    `--step-entanglement`, `grad.StepGramCapture`) are exact only when it is empty. A `token_level` loss
+    (`sparse`) weighs each token; TRL's `ld_alpha` weighs the tail beyond the shorter response by ld_alpha.
+    TRL's `use_weighting` is not a reason: WPO's weight is detached, so it only scales the pair's weight.
+    """
+    reasons = []
+    for n in loss_names(name):
+        if n in _TRAITS["token_level"]:
+            reasons.append(f"'{n}' weighs the response tokens individually")
+            continue
+        when = _TOKEN_WEIGHTED_WHEN.get(n)
+        if when is not None and when({**_single_hparams(n), **hparams}):
+            reasons.append(
+                f"'{n}' with ld_alpha={hparams.get('ld_alpha')} differentiates the per-token log-probs "
+                "(the tail beyond the shorter response weighs ld_alpha)"
+            )
+    return reasons
 
 
 def _lookup(name: str) -> Callable[..., Tensor]:

@@ -226,6 +226,11 @@ def _needs_tokens(hp: dict[str, Any]) -> bool:
     return hp.get("ld_alpha") is not None or bool(hp.get("use_weighting"))
 
 
+def _weighs_tokens(hp: dict[str, Any]) -> bool:
+    # ld_alpha's tail weight is per token; WPO's weight is per pair and detached (not a token weight)
+    return hp.get("ld_alpha") is not None
+
+
 # -- the loss types preflens did not have ------------------------------------------------------------
 
 
@@ -393,7 +398,13 @@ for _name in TRL_LOSS_TYPES:
     _opts: dict[str, Any] = {"ld_alpha": None, "use_weighting": False}
     if _name in TRL_F_DIVERGENCE_LOSSES:  # TRL's defaults
         _opts = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, **_opts}
-    register_options(_name, _opts, trl_objective, token_level_when=_needs_tokens)
+    register_options(
+        _name,
+        _opts,
+        trl_objective,
+        token_level_when=_needs_tokens,
+        token_weighted_when=None if _name == "sft" else _weighs_tokens,  # TRL's sft ignores ld_alpha
+    )
 
 
 TRL_TO_PREFLENS = {**{n: n for n in TRL_LOSS_TYPES}, "sigmoid": "dpo", "sppo_hard": "sppo"}

@@ -263,7 +263,11 @@ class TrainConfig:
         names = [s.value for s in SchedulerType]
         if self.scheduler not in names:
             raise PreflensError(f"--scheduler must be one of {names}, got {self.scheduler!r}")
-        resolve_loss_kwargs(self)
+        kwargs = resolve_loss_kwargs(self)
+        if self.step_entanglement:  # before anything loads: where its statistics would be wrong (issue 12)
+            from preflens.training.probes import check_step_entanglement
+
+            check_step_entanglement(self.loss, kwargs)
 
 
 def resolve_loss_kwargs(config: TrainConfig) -> dict[str, Any]:

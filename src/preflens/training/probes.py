@@ -27,10 +27,32 @@ from preflens.diagnostics.update_prediction import trainable_params, update_pred
 from preflens.errors import PreflensError
 from preflens.grad import StepGramCapture
 from preflens.logprobs import PairLogps
-from preflens.losses import TOKEN_LEVEL_LOSSES, LossFn
+from preflens.losses import LossFn, loss_token_weighted
 from preflens.training.callbacks import TrainerCallback, TrainerView
 
-__all__ = ["StepEntanglement", "ProbeCallback"]
+__all__ = ["StepEntanglement", "ProbeCallback", "check_step_entanglement"]
+
+
+def check_step_entanglement(loss: str, loss_kwargs: dict[str, Any], *, learned_mask: bool = False) -> None:
+    """Refuse `--step-entanglement` for a loss whose gradient it would measure wrongly, naming why.
+
+    The fused statistics (`grad.StepGramCapture`) recover each sequence's gradient from the step's backward
+    by dividing by one weight per sequence, c_s = dL/d logp_s (hooked on the summed log-probs). That is
+    exact when the loss reads each response only through its summed log-prob (WPO's detached weight,
+    TRL's `use_weighting`, only scales c_s). A loss that differentiates the per-token log-probs with
+    weights of its own (`sparse`, TRL's `ld_alpha`, a comma combination holding one) sends gradient past
+    that hook: c_s would be partial or 0 and the statistics wrong or NaN. Called by `TrainConfig.validate`
+    (before anything is loaded) and by the callback.
+    """
+    why = loss_token_weighted(loss, **loss_kwargs)
+    if learned_mask:
+        why.append("sparse mask='learned' weighs each token by a learned mask")
+    if why:
+        raise PreflensError(
+            f"--step-entanglement with --loss {loss}: {'; '.join(why)}; its fused statistics divide each "
+            "sequence's gradient by one weight dL/dlogp, exact only for losses of the summed log-probs "
+            "(use --probe-every for this loss)"
+        )
 
 
 class StepEntanglement:
@@ -146,11 +168,11 @@ class ProbeCallback(TrainerCallback):
             )
 
         if self.step is not None:
-            if trainer.config.loss in TOKEN_LEVEL_LOSSES or trainer.mask_head is not None:
-                raise PreflensError(
-                    f"--step-entanglement needs a loss of the summed log-probs; '{trainer.config.loss}' weighs "
-                    "tokens individually (use --probe-every for its sentence-level statistics)"
-                )
+            check_step_entanglement(
+                trainer.config.loss,
+                getattr(trainer, "loss_kwargs", None) or getattr(trainer.loss_fn, "hparams", {}),
+                learned_mask=trainer.mask_head is not None,
+            )
             # The hooks write the weight gradients (the sum of the per-sequence ones they build anyway),
             # so autograd skips them: no duplicate work. Under DDP that means its all-reduce hooks never
             # fire, so the trainer syncs the gradients itself after the step's backward.
@@ -199,6 +221,7 @@ class ProbeCallback(TrainerCallback):
             (ref[:, 0], ref[:, 1]),
             ref_tokens=ref_tokens,
             fell_tol=trainer.fell_tol,
+            log_sum_sq=bool(getattr(trainer, "needs_log_sum_sq", False)),
         )
         if trainer.state.step == 0:
             self._probe(trainer, 0, trainer.scheduler.get_last_lr()[0])
