@@ -1,6 +1,6 @@
 """The follow-up losses (Cal-DPO, SimPER, DPO-Shift, chi-PO), ORPO and kto_pair against their papers'
-formulas written out per pair with `math`, and every registered loss through the margin weights and the
-entanglement probes on a tiny model."""
+formulas written out per pair with `math`, and every registered loss through the margin weights (against
+finite differences) and the entanglement probes (against a real SGD step) on a tiny model."""
 
 from __future__ import annotations
 
@@ -219,3 +219,146 @@ def test_margin_weights_and_entanglement_probe_run_for_every_loss(name, probe_ba
     torch.testing.assert_close(st.pred_delta_chosen.double(), want, rtol=1e-4, atol=1e-9)
     if name in ("dpo", "sigmoid", "bco_pair", "cal_dpo", "simper", "orpo"):
         assert float(d_w.abs().max()) > 0  # a loss that pulls on chosen gives it a nonzero weight
+
+
+# -- every registered loss: margin weights against finite differences, the probe against a real step ----
+
+_EVERY = list(LOSSES)
+_NAMED = {"orpo", "kto_pair", "cal_dpo", "simper", "dpo_shift", "chipo", "sigmoid", "hinge", "exo_pair",
+          "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+          "discopop", "sft", "sigmoid_norm", "ipo", "dpo", "sparse", "normalized"}  # fmt: skip
+
+
+def test_the_parametrized_list_is_every_registered_loss():
+    assert set(_EVERY) == set(LOSSES) and _NAMED <= set(_EVERY) and len(_EVERY) == len(LOSSES)
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    """A tiny Llama, a pair batch and per-pair reference log-probs below the policy's on both sides (so
+    kto_pair's detached reference points max(0, mean r) stay 0 under a small perturbation and the finite
+    differences of its function are its margin weights), with pair-to-pair spread."""
+    torch.set_num_threads(1)
+    model = tiny_llama(seed=3)
+    batch = shared_prefix_pairs(b=4, seed=1)
+    ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    seq = sequence_logps(model, ids, am, rm, return_tokens=True)
+    gram = sequence_gram(model, ids, am, rm).double()
+    lp = seq.logps.detach().double()
+    g = torch.Generator().manual_seed(0)
+    u = 0.1 + 0.8 * torch.rand(8, generator=g, dtype=torch.float64)
+    ref = (lp[:4] + u[:4], lp[4:] + u[4:] * 0.5)  # the reference above the policy: r_w, r_l < 0, unequal
+    return model, batch, seq, gram, ref
+
+
+def _pairs(seq, gram, ref, *, tokens=None) -> PairLogps:
+    lp = seq.logps.double() if tokens is None else seq.logps
+    p = split_pairs(lp, seq.lengths, ref, grad_norms=gram.diagonal().clamp_min(0).sqrt())
+    tok = seq.token_logps.detach().double() if tokens is None else tokens
+    ref_tok = seq.token_logps.detach().double()
+    n = seq.lengths.double()[:, None]
+    return p.replace(
+        chosen_tokens=tok[:4], rejected_tokens=tok[4:],
+        ref_chosen_tokens=ref_tok[:4] + (ref[0] - lp[:4].detach().double())[:, None] / n[:4],
+        ref_rejected_tokens=ref_tok[4:] + (ref[1] - lp[4:].detach().double())[:, None] / n[4:],
+        chosen_mask=seq.token_mask[:4], rejected_mask=seq.token_mask[4:],
+        chosen_token_ids=seq.token_ids[:4], rejected_token_ids=seq.token_ids[4:],
+    )  # fmt: skip
+
+
+def _finite_difference_weights(loss_fn, p: PairLogps, h: float = 1e-6):
+    """d_w = -d(sum loss)/d chosen_i, d_l = d(sum loss)/d rejected_i by central differences in float64; for
+    losses that read the per-token log-probs, plus the mean over response tokens of the per-token
+    differences (the sequence-level weight `margin_weights` documents). No autograd."""
+
+    def total(q: PairLogps) -> float:
+        with torch.no_grad():
+            return float(loss_fn(q).double().sum())
+
+    out = []
+    for field, tok_field, mask in (("chosen", "chosen_tokens", p.chosen_mask),
+                                   ("rejected", "rejected_tokens", p.rejected_mask)):  # fmt: skip
+        base, tok = getattr(p, field).detach().double(), getattr(p, tok_field).detach().double()
+        d = torch.zeros(4, dtype=torch.float64)
+        for i in range(4):
+            for sgn in (1, -1):
+                x = base.clone()
+                x[i] += sgn * h
+                d[i] += sgn * total(p.replace(**{field: x, tok_field: tok})) / (2 * h)
+            for t in range(int(mask[i].sum())):
+                acc = 0.0
+                for sgn in (1, -1):
+                    y = tok.clone()
+                    y[i, t] += sgn * h
+                    acc += sgn * total(p.replace(**{field: base, tok_field: y})) / (2 * h)
+                d[i] += acc / float(mask[i].sum())
+        out.append(d)
+    return -out[0], out[1]
+
+
+def _frozen(name: str, p0: PairLogps):
+    """For the losses with a detached coefficient, the paper's loss with that coefficient frozen at the
+    base point (its value there, no gradient through it), written out: the function whose finite
+    differences are the margin weights. None for the other losses (their own function is that)."""
+    F_ = torch.nn.functional
+    c0, r0, rc, rr = (x.detach().double() for x in (p0.chosen, p0.rejected, p0.ref_chosen, p0.ref_rejected))
+    if name == "bdpo":  # Ma et al. 2025, arXiv 2502.20847, Sec. 5, beta = 1
+        lam = r0 / (c0 + r0)
+        return lambda q: -F_.logsigmoid(lam * (q.chosen - rc) - (1 - lam) * (q.rejected - rr))
+    if name == "nbdpo":  # the same section, clip 0.3, one-sided
+        lam = 1 + torch.clamp(c0 - r0, 0.0, 0.3)
+        return lambda q: -F_.logsigmoid(lam * (q.chosen - rc) - (q.rejected - rr))
+    if name == "kto_pair":  # Ethayarajh et al. 2024, arXiv 2402.01306, beta = 0.1
+        z_w, z_l = (c0 - rc).mean().clamp(min=0), (r0 - rr).mean().clamp(min=0)
+        return lambda q: (
+            0.5
+            * (
+                (1 - torch.sigmoid(0.1 * ((q.chosen - rc) - z_l)))
+                + (1 - torch.sigmoid(0.1 * (z_w - (q.rejected - rr))))
+            )
+        )
+    if name == "normalized":  # Yuan et al. 2024, arXiv 2410.13828, Sec. 5.1, beta = 0.1
+        c = 0.1 * torch.sigmoid(-0.1 * ((c0 - rc) - (r0 - rr)))
+        n_w, n_l = p0.chosen_grad_norm.double(), p0.rejected_grad_norm.double()
+        return lambda q: c * (q.rejected / n_l - q.chosen / n_w)
+    return None
+
+
+@pytest.mark.parametrize("name", _EVERY)
+def test_every_loss_margin_weights_and_the_probe_prediction_against_independent_numbers(name, step_setup):
+    """For every registered loss: (1) `margin_weights` equals central finite differences of the loss (no
+    autograd; for bdpo, nbdpo, kto_pair and normalized, of the paper's loss with its detached coefficient
+    frozen, `_frozen`); (2) the entanglement probe's batch prediction -eta G c (Yuan et al. 2024, arXiv 2410.13828,
+    Sec. 3) equals the change of the model's log-probs after a real SGD step of size eta on that loss, to
+    first order. `sparse` weighs tokens, so its sequence-level prediction is an approximation (the
+    per-token weights are what the update uses): (2) is not asserted for it."""
+    from preflens.losses import TOKEN_LEVEL_LOSSES
+
+    model, batch, seq, gram, ref = step_setup
+    loss_fn = get_loss(name, **_HP.get(name, {}))
+    p = _pairs(seq, gram, ref)
+    d_w, d_l = margin_weights(loss_fn, p)
+    fd_w, fd_l = _finite_difference_weights(_frozen(name, p) or loss_fn, p)
+    scale = max(float(fd_w.abs().max()), float(fd_l.abs().max()), 1e-12)
+    torch.testing.assert_close(d_w.double(), fd_w, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(d_l.double(), fd_l, rtol=1e-5, atol=1e-6 * scale)
+    if name in TOKEN_LEVEL_LOSSES:
+        return
+    st = entanglement_from_gram(gram, p, loss_fn, eta=1.0)
+    pred = torch.cat([st.batch_pred_delta_chosen, st.batch_pred_delta_rejected]).double()
+    assert float(pred.abs().max()) > 0, "every loss moves some log-prob on this batch"
+    eta = 3e-3 / float(pred.abs().max())  # a step that moves the largest log-prob by ~3e-3 nats
+    step_model = __import__("copy").deepcopy(model)
+    ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    live = sequence_logps(step_model, ids, am, rm, return_tokens=True)
+    q = _pairs(live, gram, ref, tokens=live.token_logps)
+    q = q.replace(chosen=live.logps[:4], rejected=live.logps[4:])
+    params = [w for w in step_model.parameters() if w.requires_grad]
+    grads = torch.autograd.grad(loss_fn(q).mean(), params, allow_unused=True)
+    with torch.no_grad():
+        for w, gr in zip(params, grads):
+            if gr is not None:
+                w -= eta * gr
+        after = sequence_logps(step_model, ids, am, rm).logps.double()
+    observed = after - seq.logps.detach().double()
+    torch.testing.assert_close(observed, eta * pred, rtol=0.05, atol=0.03 * eta * float(pred.abs().max()))

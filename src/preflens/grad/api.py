@@ -13,6 +13,7 @@ through `preflens.grad.capture.ActiveCaptures`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,15 +22,17 @@ from torch import Tensor, nn
 
 from preflens.grad.capture import GramCapture
 from preflens.grad.errors import GramError
-from preflens.grad.kernels import Strategy
+from preflens.grad.kernels import Strategy, layer_forms
 from preflens.grad.memory import (
     MAX_PASSES,
     MemoryBudgetError,
     MemoryEstimate,
+    choose_forms,
     estimate_gram_memory,
     human,
     plan_rows,
     resolve_budget,
+    skip_layers_allowed,
 )
 from preflens.logprobs import sequence_logps
 
@@ -69,12 +72,23 @@ def gram_rows_per_run(
     budget = resolve_budget(max_memory, device)
     sel = None if params is None else list(params)
     worst = sorted(lengths, reverse=True)
+    fixed: dict[str, str] = {}
 
     def est(k: int) -> MemoryEstimate:
-        return estimate_gram_memory(model, worst[:k], params=sel, compute_dtype=compute_dtype)
+        # per layer, the form that fits the budget (issue 14 item 3: grad.memory.choose_forms)
+        forms = choose_forms(model, worst[:k], budget, sel, compute_dtype=compute_dtype, fixed=fixed)
+        return estimate_gram_memory(model, worst[:k], params=sel, compute_dtype=compute_dtype, forms=forms)
 
     n = len(lengths)
-    rows = plan_rows(est, n, budget, min_rows=min(2, n), what=what)
+    try:
+        rows = plan_rows(est, n, budget, min_rows=min(2, n), what=what)
+    except MemoryBudgetError:
+        if not skip_layers_allowed():
+            raise
+        # --skip-oversize-layers: leave out the layers that cannot fit even for the smallest chunk
+        small = choose_forms(model, worst[: min(2, n)], budget, sel, compute_dtype=compute_dtype, skip=True)
+        fixed.update({k: v for k, v in small.items() if v == "skip"})
+        rows = plan_rows(est, n, budget, min_rows=min(2, n), what=what)
     if rows < n:
         m = -(-n // max(1, rows // 2))
         passes = m * (m - 1) // 2
@@ -136,12 +150,35 @@ def sequence_gram_and_logps(
             "input_ids, attention_mask and response_mask must be [N, T] tensors of one shape; got "
             + ", ".join(str(s) for s in shapes)
         )
-    n = input_ids.shape[0]
     lengths = row_lengths(attention_mask, response_mask)
     sel = None if params is None else list(params)
-    rows, _ = gram_rows_per_run(
+    rows, est = gram_rows_per_run(
         model, lengths, sel, max_memory=max_memory, compute_dtype=compute_dtype, device=input_ids.device
     )
+    if est.skipped:
+        warnings.warn(
+            f"sequence_gram: inexact Gram, {len(est.skipped)} layer(s) left out under the memory budget: "
+            + ", ".join(est.skipped),
+            stacklevel=2,
+        )
+    with layer_forms(est.forced):
+        return _chunked(
+            model, input_ids, attention_mask, response_mask, sel, strategy, compute_dtype, rows, lengths
+        )
+
+
+def _chunked(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    sel: list[str | nn.Parameter] | None,
+    strategy: Strategy,
+    compute_dtype: torch.dtype,
+    rows: int,
+    lengths: list[int],
+) -> tuple[Tensor, Tensor]:
+    n = input_ids.shape[0]
     if rows >= n:
         return _gram_pass(model, input_ids, attention_mask, response_mask, sel, strategy, compute_dtype)
 
