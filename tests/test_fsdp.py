@@ -8,6 +8,9 @@
   and logs the same metrics.jsonl rows (train, eval, entanglement keys), as tests/test_multiprocess.py
   checks for DDP.
 - `--loss normalized` with LoRA under FSDP2 (a standalone Gram pass inside every step) equals 1 process.
+- `--probe-every` under FSDP2: the probes table, update_pred_* columns included (sharded gradients dotted
+  with the sharded update, all-reduced), equals the 1-process run's; `update_prediction` itself under a
+  fixed update equals the unsharded one (untied, tied, LoRA).
 - Resume under FSDP2 after Ctrl-C inside step 2 (every rank; a sharded DCP checkpoint of step 1) ends where the
   uninterrupted FSDP2 run ends.
 """
@@ -61,7 +64,7 @@ def _one_process(*args: str) -> None:
 
 @pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
 def test_gram_and_probe_rows_match_unsharded(tmp_path, variant):
-    from _fsdp_script import build, fsdp_batch, local_values, rank_slice
+    from _fsdp_script import build, fsdp_batch, local_values, rank_slice, update_values
 
     _torchrun("gram", str(tmp_path), variant)
     model = build(variant)
@@ -88,6 +91,39 @@ def test_gram_and_probe_rows_match_unsharded(tmp_path, variant):
         assert checked >= 10
     other = json.loads((tmp_path / "rank1.json").read_text())["gram"]
     assert other != json.loads((tmp_path / "rank0.json").read_text())["gram"]
+    # update_pred_* / update_obs_*: <g_i, delta> under a fixed update, every rank on all 8 rows
+    upd = update_values(model, fsdp_batch())
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())["update"]
+        for key in ("pred", "obs", "start"):
+            ref, val = torch.tensor(upd[key]), torch.tensor(got[key])
+            assert ref.abs().max() > 0 and torch.isfinite(val).all(), (variant, key)
+            err = float((val - ref).abs().max() / ref.abs().max())
+            assert err <= GRAM_RTOL, (
+                f"{variant} rank {rank}: sharded update_prediction {key} off by {err:.3g}"
+            )
+
+
+def test_chunked_gram_passes_agree_across_ranks(tmp_path):
+    """Rank 0's memory budget fits only part of its micro-batch per pass, rank 1's all of it: alone they
+    would run different numbers of forwards (the collectives of FSDP2 would then hang: the subprocess
+    timeout fails the test). With `grad.api.agree_rows` both chunk, and each Gram equals the unsharded
+    single pass; a pass rank 0 cannot fit at all stops both ranks with an error."""
+    from _fsdp_script import build, fsdp_batch, rank_slice
+    from preflens.grad import sequence_gram
+
+    _torchrun("chunks", str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["alone"] < got[0]["n"] and got[1]["alone"] == got[1]["n"], "the budgets did not differ"
+    model = build("untied")
+    for rank in (0, 1):
+        b = rank_slice(fsdp_batch(), rank)
+        ref = sequence_gram(model, b["input_ids"], b["attention_mask"], b["response_mask"]).double()
+        g = torch.tensor(got[rank]["gram"], dtype=torch.float64)
+        err = float((g - ref).abs().max() / ref.abs().max())
+        assert err <= GRAM_RTOL, f"rank {rank}: chunked sharded Gram off by {err:.3g}"
+    assert got[0]["refused"].startswith("MemoryBudgetError") and "over the memory budget" in got[0]["refused"]
+    assert got[1]["refused"].startswith("MemoryBudgetError") and "another rank" in got[1]["refused"]
 
 
 def _cfg(tmp_path: Path, name: str, **over) -> Path:
@@ -157,3 +193,79 @@ def test_fsdp_normalized_loss_with_lora_matches_one_process(tmp_path):
     _torchrun("train", str(_cfg(tmp_path, "run2", fsdp=True, **over)))
     assert any("lora_B" in k for k in _weights(tmp_path / "run2"))
     assert _compare_runs(tmp_path / "run1", tmp_path / "run2") > 20
+
+
+def _compare_tables(a, b) -> int:
+    """Every numeric column of two per-pair tables (same rows, same order) within 1e-5 of its scale; NaN
+    where the other has NaN. Differences of two log-probs (the observed changes) are compared on the
+    log-probs' scale: each term matches within 1e-5 of it, so their difference can be off by that much.
+    Returns the number of columns compared."""
+    logp_scale = float(max(a["chosen"].abs().max(), a["rejected"].abs().max()))
+    errs: dict[str, float] = {}
+    for col in a.columns:
+        if a[col].dtype.kind not in "fiu" or col in ("step", "pair_id"):
+            continue
+        x, y = a[col].to_numpy(float), b[col].to_numpy(float)
+        assert ((x != x) == (y != y)).all(), f"{col}: NaN in one run only"
+        ok = x == x
+        if not ok.any():
+            continue
+        scale = logp_scale if col.startswith(("obs_delta_", "update_obs_")) else float(abs(x[ok]).max())
+        errs[col] = float(abs(x[ok] - y[ok]).max()) / max(scale, 1e-12)
+    bad = {k: f"{v:.2g}" for k, v in errs.items() if v > GRAM_RTOL}
+    assert not bad, f"columns off (relative to their scale): {bad}; all: {errs}"
+    return len(errs)
+
+
+def _probe_table(run: Path):
+    import pandas as pd
+
+    t = pd.read_parquet(run / "probes.parquet")
+    return t.sort_values(["step", "split", "pair_id"]).reset_index(drop=True)
+
+
+def test_fsdp_probe_every_matches_one_process(tmp_path):
+    """`--probe-every 1` under FSDP2: the probes table (the Gram statistics and the update_pred_* columns,
+    <g_i, delta theta> of the optimizer's real update, from sharded gradients all-reduced over the ranks)
+    equals the 1-process run's, every numeric column within 1e-5 of its scale."""
+    over = dict(probe_every=1, probe_pairs=4, step_entanglement=False)
+    _one_process("train", str(_cfg(tmp_path, "run1", **over)))
+    _torchrun("train", str(_cfg(tmp_path, "run2", fsdp=True, **over)))
+    a, b = _probe_table(tmp_path / "run1"), _probe_table(tmp_path / "run2")
+    assert len(a) == len(b) == 4 * 4  # probes before step 1 and after steps 1..3, 4 pairs each
+    assert list(a["step"]) == list(b["step"]) and list(a["pair_id"]) == list(b["pair_id"])
+    later = a["step"] > 0
+    for col in ("update_pred_chosen", "update_pred_rejected", "update_obs_chosen", "update_obs_rejected"):
+        assert a.loc[later, col].notna().all() and (a.loc[later, col].abs() > 0).any(), col
+    checked = _compare_tables(a, b)
+    assert checked >= 10
+    assert _compare_runs(tmp_path / "run1", tmp_path / "run2") > 20
+
+
+def test_trl_callback_on_fsdp2_models_matches_one_process(tmp_path):
+    """The TRL callback (`PreflensCallback`) with FSDP2-sharded policy and reference (2 ranks, each its half
+    of every DPO batch): pairs.parquet, probes.parquet and the probe rows of metrics.jsonl equal the
+    1-process run's. TRL's DPOTrainer itself cannot shard on CPU processes (accelerate's FSDP plugin
+    needs a GPU: README "70B with FSDP"), so the script drives the callback's events as TRL does."""
+    import pandas as pd
+
+    _one_process("callback", str(tmp_path / "one"))
+    _torchrun("callback", str(tmp_path / "fsdp"))
+    checked = 0
+    for name in ("pairs.parquet", "probes.parquet"):
+        a, b = (
+            pd.read_parquet(tmp_path / d / name).sort_values(["step", "pair_id"]) for d in ("one", "fsdp")
+        )
+        a, b = a.reset_index(drop=True), b.reset_index(drop=True)
+        assert len(a) == len(b) == 3 * 4 and sorted(a["step"].unique()) == [0, 1, 2], name
+        assert list(a["pair_id"]) == list(b["pair_id"])
+        moved = a.loc[a["step"] == 2, "chosen"].to_numpy() != a.loc[a["step"] == 0, "chosen"].to_numpy()
+        assert moved.all(), "the two DPO steps did not change the policy"
+        checked += _compare_tables(a, b)
+    assert checked >= 15
+    rows = [[r for r in _rows(tmp_path / d) if r["split"] == "probe"] for d in ("one", "fsdp")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [0, 1, 2]
+    for r1, r2 in zip(*rows):
+        for k, v in r1.items():
+            if isinstance(v, float) and v == v:
+                assert r2[k] == pytest.approx(v, rel=GRAM_RTOL, abs=1e-6), (r1["step"], k)

@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from preflens.grad.capture import GramCapture
 from preflens.grad.errors import GramError
@@ -38,6 +40,7 @@ from preflens.logprobs import sequence_logps
 
 __all__ = [
     "StepGramCapture",
+    "agree_rows",
     "gram_rows_per_run",
     "row_lengths",
     "sequence_grad_norms",
@@ -103,6 +106,50 @@ def gram_rows_per_run(
     return rows, est(rows)
 
 
+def _must_agree(model: nn.Module) -> bool:
+    """A pass whose forwards are collectives: FSDP2-sharded model under a process group of > 1 rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def agree_rows(
+    model: nn.Module, rows: int, n: int, device: torch.device, refused: BaseException | None = None
+) -> int:
+    """The rows per pass every rank uses: the fewest any rank can afford (so the most chunks), from one
+    all-reduce (MAX) of [-rows, n, -n].
+
+    Why: each rank sizes its chunks from its own budget (free memory differs per rank) and its own
+    micro-batch's lengths. Under FSDP2 every forward all-gathers parameters, so if one rank ran a single
+    pass and another three, the collectives would no longer pair up and the job would hang. `refused`: this
+    rank's `MemoryBudgetError` (it cannot fit even two rows); every rank then raises instead of one rank
+    raising and the others waiting forever. A no-op outside a process group or without FSDP2 (a DDP rank's
+    standalone pass runs on the bare model: no collective to pair up). Every rank holds the same number of
+    rows in the trainer and the callbacks; if they differ and a pass is chunked, the pass counts could
+    still differ, so that is refused too."""
+    if not _must_agree(model):
+        if refused is not None:
+            raise refused
+        return rows
+    mine = -1 if refused is not None else rows
+    t = torch.tensor([-mine, n, -n], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    agreed, n_max, n_min = -int(t[0]), int(t[1]), -int(t[2])
+    if refused is not None:
+        raise refused
+    if agreed < 0:
+        raise MemoryBudgetError(
+            f"rank {dist.get_rank()}: another rank cannot fit even two rows of this Gram pass under its memory "
+            "budget (its error names the layer and the bytes); every rank stops so that none waits forever"
+        )
+    if agreed < n_max and n_max != n_min:
+        raise GramError(
+            f"rank {dist.get_rank()}: a memory-chunked Gram pass under FSDP2 needs the same number of rows on "
+            f"every rank; got {n_min} to {n_max} rows (give every rank the same number of pairs)"
+        )
+    return agreed
+
+
 def _blockwise(n: int, rows: int, lengths: list[int], run: Any) -> tuple[Tensor, Tensor]:
     """The [N, N] Gram from passes over at most `rows` rows each: rows sorted by length are cut into
     blocks of rows // 2, and each pair of blocks is one pass (the Gram of a subset of rows is that block
@@ -143,7 +190,7 @@ def sequence_gram_and_logps(
     `max_memory` (bytes; "auto"/None: the innermost `grad.memory.memory_budget`, else half the free
     memory): the peak extra memory is estimated from the shapes first (`grad.memory`); a batch over the
     budget runs as passes over pairs of row blocks (same numbers), and one that cannot fit even two rows
-    is refused before anything runs."""
+    is refused before anything runs. Under FSDP2 the ranks agree on the chunking first (`agree_rows`)."""
     shapes = [tuple(t.shape) for t in (input_ids, attention_mask, response_mask)]
     if input_ids.dim() != 2 or len(set(shapes)) != 1:
         raise GramError(
@@ -152,9 +199,18 @@ def sequence_gram_and_logps(
         )
     lengths = row_lengths(attention_mask, response_mask)
     sel = None if params is None else list(params)
-    rows, est = gram_rows_per_run(
-        model, lengths, sel, max_memory=max_memory, compute_dtype=compute_dtype, device=input_ids.device
-    )
+    refused: MemoryBudgetError | None = None
+    try:
+        rows, est = gram_rows_per_run(
+            model, lengths, sel, max_memory=max_memory, compute_dtype=compute_dtype, device=input_ids.device
+        )
+    except MemoryBudgetError as e:
+        if not _must_agree(model):
+            raise
+        rows, est, refused = 0, None, e
+    # FSDP2: every rank must run the same passes (its forwards are collectives): one all-reduce here
+    rows = agree_rows(model, rows, input_ids.shape[0], input_ids.device, refused)
+    assert est is not None
     if est.skipped:
         warnings.warn(
             f"sequence_gram: inexact Gram, {len(est.skipped)} layer(s) left out under the memory budget: "

@@ -24,6 +24,14 @@ reads it like a `preflens train` run):
   (chosen rises) and condition 2 (rejected falls) they violate, and the changes observed at the next
   probe, so the prediction can be checked.
 
+Under FSDP2 (accelerate's `fully_shard` of the policy and of TRL's reference copy) the probes are the same
+numbers as in one process: the Gram pass reads each layer's inputs and output-gradients while FSDP has it
+gathered (`preflens.grad.capture`), the log-prob forwards run through the sharded root
+(`training.fsdp.ThroughRoot`), and every rank probes the same set. Tested on CPU processes with a model
+sharded by `fully_shard` and the callback's events driven by hand (tests/test_fsdp.py): accelerate's FSDP
+plugin does not shard on CPU processes, so TRL's DPOTrainer itself cannot run FSDP2 here (README, "70B
+with FSDP").
+
 The measurement is `preflens.diagnostics.probe_state.ProbeRunner`, the same one `preflens train --probe-every` uses
 (one `sequence_gram` forward + activation-only backward over the probe set, eval mode, the model's
 gradients and mode untouched), so the columns and their meaning are identical in both kinds of run:
@@ -51,6 +59,7 @@ from preflens.logprobs import sequence_logps
 from preflens.losses import get_loss
 from preflens.losses.trl_pair import TRL_TO_PREFLENS, loss_from_trl_args
 from preflens.tracking import METRICS_FILE, PAIRS_FILE, PROBES_FILE
+from preflens.training import fsdp
 
 __all__ = ["PreflensCallback", "TRL_TO_PREFLENS_LOSS"]
 
@@ -156,12 +165,21 @@ class PreflensCallback(TrainerCallback):
     def _logps(self, model: nn.Module) -> Tensor:
         dev = next(model.parameters()).device
         b = {k: v.to(dev) for k, v in self.batch.items()}
-        with torch.no_grad():
-            return (
-                sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"])
-                .logps.float()
-                .cpu()
-            )
+        # FSDP2 (accelerate's fully_shard of the policy and of TRL's reference copy): the forward runs
+        # through the sharded root's call so FSDP gathers the root's parameters; the gathered copies are
+        # dropped afterwards, so none outlives the optimizer's next write of the shards
+        sharded = fsdp.is_sharded(model)
+        fwd = fsdp.ThroughRoot(model) if sharded else model
+        try:
+            with torch.no_grad():
+                return (
+                    sequence_logps(fwd, b["input_ids"], b["attention_mask"], b["response_mask"])
+                    .logps.float()
+                    .cpu()
+                )
+        finally:
+            if sharded:
+                fsdp.reshard_all(model)
 
     # -- events ----------------------------------------------------------------------------------
 

@@ -18,7 +18,11 @@ schedule) as usual. `final/` is gathered to a full state dict on rank 0 and save
 
 Cross-rank reductions the trainer does under FSDP2: FSDP's gradient reduce-scatter (the mean over
 ranks), the gradient norm for clipping (a sum of squares over the shards: `clip_grad_norm`), and the
-gathers of per-pair statistics it does under DDP too. The diagnostics need none (`preflens.grad.capture`).
+gathers of per-pair statistics it does under DDP too. The Gram diagnostics need none
+(`preflens.grad.capture`); the probe's update_pred_* columns (<g_i, delta theta>) all-reduce one number
+per probed row: the sum over ranks of the dot products of the local shards
+(`diagnostics.update_prediction`); a memory-chunked Gram pass all-reduces its row count once, so every
+rank runs the same number of forwards (`grad.api.agree_rows`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "is_sharded",
     "load_sharded",
     "prepare_sharded",
+    "reshard_all",
     "save_full",
     "save_sharded",
     "shard_model",
@@ -100,17 +105,10 @@ def _plugin_options(accelerator: Any) -> tuple[bool, MixedPrecisionPolicy]:
 
 def shard_policy(model: nn.Module, mask_head: Any, accelerator: Any, config: Any = None) -> nn.Module:
     """The trainer's policy sharded (`shard_model`); refuses what does not run sharded yet: the learned
-    token-mask head, and `--probe-every`, whose update_pred_* columns
-    (`diagnostics.update_prediction.directional_change`) take autograd gradients of whole parameters
-    and run the lean forward without the root (the probe's Gram itself is FSDP-exact: tests/test_fsdp.py)."""
+    token-mask head. (`--probe-every` runs sharded: its Gram through `preflens.grad.capture`, its
+    update_pred_* columns through `diagnostics.update_prediction`'s sharded path with `ThroughRoot`.)"""
     if mask_head is not None:
         raise PreflensError("--fsdp with sparse mask='learned' is not supported (use mask='diff')")
-    if getattr(config, "probe_every", 0):
-        raise PreflensError(
-            "--probe-every with --fsdp is not supported yet: the probe's update_pred_* columns differentiate "
-            "whole parameters, which FSDP2 shards. Use --step-entanglement (exact under FSDP2), or run "
-            "`preflens probe` on a checkpoint's final/"
-        )
     return shard_model(model, accelerator)
 
 
@@ -137,6 +135,16 @@ def shard_model(model: nn.Module, accelerator: Any = None) -> nn.Module:
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model._get_fsdp_state()._lazy_init()  # type: ignore[operator]  # the model is the root
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Drop every gathered copy of the parameters (each FSDP unit's `reshard`). A forward without a
+    backward leaves the root (and any unit with reshard_after_forward off) gathered, and FSDP2 reuses a
+    gathered copy rather than gathering again: after the shards are written (an optimizer step, a loaded
+    checkpoint), the next forward would see the old values."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class _DecoderThroughRoot:

@@ -28,6 +28,7 @@ from preflens.errors import PreflensError
 from preflens.grad import StepGramCapture
 from preflens.logprobs import PairLogps
 from preflens.losses import LossFn, loss_token_weighted
+from preflens.training import fsdp
 from preflens.training.callbacks import TrainerCallback, TrainerView
 
 __all__ = ["StepEntanglement", "ProbeCallback", "check_step_entanglement"]
@@ -156,15 +157,16 @@ class ProbeCallback(TrainerCallback):
         # the trainable parameters one step before the next probe: that probe also predicts, to first
         # order, the change of the probed log-probs from the optimizer's real update (update_prediction)
         self._before: list[Tensor] | None = None
+        self._forward: nn.Module | None = None
 
     # -- probes on a fixed set ----------------------------------------------------------------
 
     def on_train_begin(self, trainer: TrainerView) -> None:
         kind = str(getattr(trainer.accelerator, "distributed_type", ""))
-        if "FSDP" in kind or "DEEPSPEED" in kind:
+        if "DEEPSPEED" in kind:  # FSDP: preflens shards with fully_shard itself (training/fsdp.py), exact
             raise PreflensError(
                 "--probe-every/--step-entanglement read whole parameters and their gradients per module; "
-                f"not supported with sharded training ({kind}): use one process or DDP"
+                f"not supported with DeepSpeed ({kind}): use one process, DDP or FSDP2 (--fsdp)"
             )
 
         if self.step is not None:
@@ -200,6 +202,8 @@ class ProbeCallback(TrainerCallback):
         batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         ref = torch.stack([trainer.reference.table[split][it.pair_id] for split, it in chosen_items])
         model = trainer.accelerator.unwrap_model(trainer.model)
+        # FSDP2: update_prediction's forwards run through the sharded root's call (training/fsdp.py)
+        self._forward = fsdp.ThroughRoot(model) if fsdp.is_sharded(model) else None
         ref_tokens = None
         if trainer.needs_tokens:
             if trainer.mask_head is not None:
@@ -255,7 +259,7 @@ class ProbeCallback(TrainerCallback):
                 r.update(update_pred_chosen=math.nan, update_pred_rejected=math.nan)
                 r.update(update_obs_chosen=math.nan, update_obs_rejected=math.nan)
             return
-        res = update_prediction(self.runner.model, self.runner.batch, self._before)  # type: ignore[union-attr]
+        res = update_prediction(self.runner.model, self.runner.batch, self._before, forward=self._forward)  # type: ignore[union-attr]
         self._before = None
         for i, r in enumerate(rows):
             r["update_pred_chosen"], r["update_pred_rejected"] = (
