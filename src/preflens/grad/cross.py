@@ -29,7 +29,7 @@ exactly the gradient of sequence s's share of the loss, so the products stay exa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,12 +49,15 @@ Parts = tuple[list[Outer], Tensor | None]
 
 @dataclass
 class ProbeParts:
-    """The probe set's parts per parameter (by id), its size and its summed log-probs (detached)."""
+    """The probe set's parts per parameter, its size and its summed log-probs (detached).
 
-    parts: dict[int, Parts]
+    Keyed by parameter name, not by the Parameter object: under FSDP2 the root module's Parameter
+    objects are swapped between sharded and gathered ones (`preflens.grad.capture`), so the objects
+    the probe pass and a later training step's capture select can differ while the names do not."""
+
+    parts: dict[str, Parts]
     n: int
     logps: Tensor
-    names: dict[int, str] = field(default_factory=dict)
 
 
 class _KeepCapture(GramCapture):
@@ -103,8 +106,8 @@ def probe_parts(
             raise GramError("the input-embedding hook did not run: cannot drive the backward")
         torch.autograd.grad(logps.sum(), cap.anchors)
     cap.finish()
-    names = {pid: st.name for pid, st in cap.states.items()}
-    return ProbeParts(parts=cap.kept, n=cap.n, logps=logps.detach(), names=names)
+    parts = {cap.states[pid].name: part for pid, part in cap.kept.items()}
+    return ProbeParts(parts=parts, n=cap.n, logps=logps.detach())
 
 
 # -- the kernels -----------------------------------------------------------------------------------
@@ -294,8 +297,9 @@ class CrossCapture(_KeepCapture):
                          compute_dtype=compute_dtype, anchor=anchor)  # fmt: skip
         self.probe = probe
         self.keep = keep
+        self._by_name = {st.name: pid for pid, st in self.states.items()}
         self._check = check_graph
-        missing = [st.name for pid, st in self.states.items() if pid not in probe.parts]
+        missing = [st.name for st in self.states.values() if st.name not in probe.parts]
         if missing:
             raise GramError(
                 "the probe pass has no parts for these parameters (another parameter selection?): "
@@ -309,7 +313,7 @@ class CrossCapture(_KeepCapture):
     def on_parts(self, st: _ParamState) -> None:
         part: Parts = (list(st.outers), st.vector)
         c = cross_param(
-            st.name, part, self.probe.parts[id(st.param)], self.n, self.probe.n,
+            st.name, part, self.probe.parts[st.name], self.n, self.probe.n,
             strategy=self.strategy, dtype=self.dtype,
         )  # fmt: skip
         self.cross += c.to(self.cross.device)
@@ -357,13 +361,24 @@ class CrossCapture(_KeepCapture):
         if not self.keep:
             raise GramError("CrossCapture.preconditioned needs keep=True")
         out = torch.zeros_like(self.cross)
-        for pid, part in self.kept.items():
+        for pid in self.kept:
             if pid in denoms:
-                out += cross_param(
-                    self.states[pid].name, part, self.probe.parts[pid], self.n, self.probe.n,
-                    dtype=self.dtype, denom=denoms[pid],
-                )  # fmt: skip
+                out += self.preconditioned_param(self.states[pid].name, denoms[pid])
         return out
+
+    def preconditioned_param(self, name: str, denom: Tensor) -> Tensor:
+        """[Nt, Np] <G_s, G_j / D> of one parameter (by name; zero when this pass kept no parts of it):
+        the unit a caller loops over when D arrives one parameter at a time (FSDP2 gathers each D from
+        its shards, `training.attribution`)."""
+        if not self.keep:
+            raise GramError("CrossCapture.preconditioned needs keep=True")
+        pid = self._by_name.get(name)
+        part = self.kept.get(pid) if pid is not None else None
+        if part is None:
+            return torch.zeros_like(self.cross)
+        return cross_param(
+            name, part, self.probe.parts[name], self.n, self.probe.n, dtype=self.dtype, denom=denom
+        ).to(self.cross.device)
 
 
 def sequence_cross(

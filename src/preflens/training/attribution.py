@@ -10,6 +10,13 @@ at every checkpoint and at the end. Metrics rows get `attribution/...` keys.
 
 The probe set is chosen as `--probe-pairs` chooses its own: the first P eval pairs by pair id, filled up
 from the first train pairs. The callback reads the trainer only through `callbacks.TrainerView`.
+
+Distributed: under DDP and FSDP2 alike each rank attributes its own pairs of the global batch; the products
+need only each module's inputs and output-gradients of those rows (FSDP2 shards neither: the capture reads
+them while the layer is gathered, and the probe pass runs on the sharded root as `sequence_gram` does), the
+rows are gathered to every rank and the main process writes them, and each rank's share counts 1/N (both
+average the ranks' gradients). What reads whole parameters is the Adam form's denominator, sharded under
+FSDP2: `preconditioned_crosses` gathers it one parameter at a time (tests/test_attribution_fsdp.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from preflens.data.collate import collate_pairs
 from preflens.diagnostics.attribution import (
@@ -47,6 +55,26 @@ def probe_items(trainer: TrainerView, pairs: int) -> list[tuple[str, Any]]:
     return chosen
 
 
+def preconditioned_crosses(caps: list[CrossCapture], denoms: dict[str, Tensor] | None) -> list[Tensor] | None:
+    """<G_s, G_j / D_t> of each micro-batch's capture, one parameter at a time (None without Adam state;
+    `denoms` by parameter name, in the model's parameter order).
+
+    Under FSDP2 Adam's state is sharded like the parameters (a DTensor per parameter, dim 0 split over
+    the ranks) while each rank holds the activations of its own sequences only, so the rank's rows need
+    the whole D of each parameter: it is gathered (`full_tensor`, a collective every rank runs in the
+    same parameter order, whatever its captures kept), used for every micro-batch, and freed before the
+    next, so the extra memory is one parameter in float32, as FSDP's own unshard of a layer."""
+    if denoms is None:
+        return None
+    out = [torch.zeros_like(cap.cross) for cap in caps]
+    for name, d in denoms.items():  # the model's parameter order: the same on every rank
+        full = d.full_tensor() if isinstance(d, DTensor) else d
+        for k, cap in enumerate(caps):
+            out[k] += cap.preconditioned_param(name, full)
+        del full
+    return out
+
+
 class AttributionCallback(TrainerCallback):
     """Attribute each K-th step's update to its training pairs, measured on a fixed probe set."""
 
@@ -69,10 +97,8 @@ class AttributionCallback(TrainerCallback):
 
     def on_train_begin(self, trainer: TrainerView) -> None:
         kind = str(getattr(trainer.accelerator, "distributed_type", ""))
-        if "FSDP" in kind or "DEEPSPEED" in kind:
-            raise PreflensError(
-                f"--attribute-every reads whole parameters per module; not supported with {kind}: use DDP"
-            )
+        if "DEEPSPEED" in kind:
+            raise PreflensError(f"--attribute-every is not supported with {kind}: use DDP or --fsdp")
         if self.pairs < 1:
             raise PreflensError(f"--attribute-every needs --attribute-pairs >= 1, got {self.pairs}")
         if trainer.config.padding_free:
@@ -147,17 +173,19 @@ class AttributionCallback(TrainerCallback):
         kappa = clip_coefficient(float(m.get("grad_norm", float("nan"))), trainer.config.max_grad_norm)
         # DDP averages the processes' gradients: each process's loss share counts 1/N in the update
         sgd = -float(m["lr"]) * kappa / acc.num_processes
-        denoms = None
+        pre: list[Tensor] | None = None
         if self.form == "adam":
-            model = acc.unwrap_model(trainer.model)
-            denoms = adam_denominators(trainer.optimizer, [p for p in model.parameters() if p.requires_grad])
+            named = [(n, p) for n, p in acc.unwrap_model(trainer.model).named_parameters() if p.requires_grad]
+            by_id = adam_denominators(trainer.optimizer, [p for _, p in named])
+            denoms = {n: by_id[id(p)] for n, p in named} if by_id is not None else None
+            pre = preconditioned_crosses([cap for _, cap in caps], denoms)
         rows: list[dict[str, Any]] = []
-        for pid, cap in caps:
+        for k, (pid, cap) in enumerate(caps):
             eff = pair_effects(cap.cross, sgd)
             parts = [eff]
-            if denoms is not None:
+            if pre is not None:
                 scale = adam_scale(trainer.optimizer, float(m["lr"]), kappa) / acc.num_processes
-                parts.append(pair_effects(cap.preconditioned(denoms), scale))
+                parts.append(pair_effects(pre[k], scale))
             cos = cap.logp_cosines().to(eff.device, eff.dtype)[:, None, None].expand(-1, eff.shape[1], 1)
             local = torch.cat(parts + [cos], -1).float()  # [B_local, P, 3 or 5]: effects, cosine
             table = acc.gather(local).cpu()
