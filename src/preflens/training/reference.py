@@ -20,7 +20,14 @@ import torch
 from preflens.data.collate import TokenizedPair
 from preflens.errors import RunDirError
 
-__all__ = ["REFERENCE_FILE", "ReferenceLogps", "fingerprint", "load_or_compute_reference", "score_distinct"]
+__all__ = [
+    "REFERENCE_FILE",
+    "ReferenceLogps",
+    "fingerprint",
+    "load_or_compute_reference",
+    "score_distinct",
+    "score_splits",
+]
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -158,12 +165,23 @@ def score_distinct(
 ) -> tuple[dict[str, Rows], int]:
     """Reference rows of both splits with every distinct pair (same token ids) scored once: --eval-data
     equal to (or overlapping) --data, or a file with repeated rows, costs no second pass. Returns the rows
-    and how many pairs were scored. Pair ids are per split (an eval file's row 3 is not train's row 3), so
-    pairs are matched by their token ids, never by id."""
+    and how many pairs were scored."""
+    return score_splits(score, (("train", train_items), ("eval", eval_items)))
+
+
+def score_splits(
+    score: Callable[[Sequence[TokenizedPair]], Rows],
+    splits: Sequence[tuple[str, Sequence[TokenizedPair]]],
+) -> tuple[dict[str, Rows], int]:
+    """Rows of several splits, in the given order, with every distinct pair (same token ids) scored once:
+    a pair already scored for an earlier split is copied, not scored again. Used by the reference pass and
+    by every evaluation (the eval split and the train subset overlap when --eval-data repeats --data).
+    Pair ids are per split (an eval file's row 3 is not train's row 3), so pairs are matched by their token
+    ids, never by id. Returns the rows per split and how many pairs were scored."""
     known: dict[tuple, dict[str, Any]] = {}
     out: dict[str, Rows] = {}
     scored = 0
-    for split, items in (("train", train_items), ("eval", eval_items)):
+    for split, items in splits:
         todo: dict[tuple, TokenizedPair] = {}
         for it in items:
             key = _content(it)

@@ -39,6 +39,13 @@ class PairScorer:
     want_log_sum_sq: bool = False
     """Keep log sum_v pi(v)^2 per token at evaluation (WPO's weight, TRL's use_weighting)."""
 
+    @property
+    def eval_rows_match_reference(self) -> bool:
+        """Whether an evaluation row holds only what a reference row holds (no per-token loss inputs, no
+        learned-mask logits, no WPO log sum of squares). Then at step 0 of a fresh run, where the policy is
+        the reference, the trainer reads the evaluation from the reference pass instead of repeating it."""
+        return self.mask_head is None and not self.want_tokens and not self.want_log_sum_sq
+
     def batches(self, items: Sequence[TokenizedPair]) -> list[list[TokenizedPair]]:
         """Fixed batches for no-grad passes: sorted by length (little padding), this process's share.
 
