@@ -168,3 +168,189 @@ def test_probe_refuses_up_front(tmp_path) -> None:
     assert res.exit_code != 0
     res = CliRunner().invoke(app, [*args, "--max-memory", "4GB", "--token-level", "1"])
     assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# the other diagnostics (issue 18 item 1): refused up front in one line, chunked == unchunked
+# ---------------------------------------------------------------------------------------------
+
+_ONE_LINE = r"largest: .+ of .+ with shape \[[0-9, ]+\] = .+ \(\d+ bytes\)"
+
+
+def _assert_one_line_refusal(exc: BaseException, start: str) -> None:
+    import re
+
+    msg = str(exc)
+    assert isinstance(exc, MemoryBudgetError) and "\n" not in msg
+    assert msg.startswith(start), msg
+    assert "over the memory budget" in msg and re.search(_ONE_LINE, msg), msg
+
+
+def _train_config(tmp_path, **kw):
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.training.config import TrainConfig
+
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(16, seed=0, response_length=4)))
+    base = dict(data=str(data), output_dir=str(tmp_path / kw.pop("run", "run")), steps=2, batch_size=4,
+                lr=1e-3, eval_every=0, save_every=0, report_to="none", progress=False, eval_fraction=0.2,
+                max_length=32)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize(
+    "flags,start",
+    [
+        ({"step_entanglement": True}, "--step-entanglement: a micro-batch of 8 rows"),
+        ({"probe_every": 1, "probe_pairs": 3}, "--probe-every probe set: even 2 row(s) need"),
+        ({"attribute_every": 1, "attribute_pairs": 3}, "--attribute-every: 6 probe rows against"),
+    ],
+)
+def test_train_diagnostics_refuse_before_step_1(tmp_path, flags, start) -> None:
+    from preflens.train import train
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    with pytest.raises(MemoryBudgetError) as err:
+        train(_train_config(tmp_path, max_memory="1MB", **flags), model=model, tokenizer=tok)
+    _assert_one_line_refusal(err.value, start)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert not [r for r in rows if r.get("split") == "train"]  # refused in set-up, before step 1
+
+
+def test_train_probe_every_chunked_equals_unchunked(tmp_path, capsys) -> None:
+    """--probe-every under a budget that fits two rows of --max-length but not the whole probe set: the
+    probes run as several passes, and every probes.parquet number equals the one-pass run's."""
+    import pandas as pd
+
+    from preflens.train import train
+
+    def run(name: str, budget: str) -> pd.DataFrame:
+        model, tok = tiny_model(hidden_size=32, seed=0)
+        cfg = _train_config(tmp_path, run=name, probe_every=1, probe_pairs=3, max_memory=budget)
+        return pd.read_parquet(train(cfg, model=model, tokenizer=tok) / "probes.parquet")
+
+    one = run("one", "1TB")
+    assert "probe set: 6 rows, 6 per pass" in capsys.readouterr().out
+    model, _ = tiny_model(hidden_size=32, seed=0)
+    two_rows = estimate_gram_memory(model, [32, 32]).total  # rows are shorter than --max-length 32
+    chunked = run("chunked", str(two_rows))
+    out = capsys.readouterr().out
+    assert "probe set: 6 rows, " in out and "probe set: 6 rows, 6 per pass" not in out
+    assert len(one) == len(chunked) == 9  # 3 probe pairs at steps 0, 1, 2
+    num = [c for c in one.columns if pd.api.types.is_float_dtype(one[c])]
+    assert {"cosine", "inner", "pred_delta_chosen"} <= set(num)
+    pd.testing.assert_frame_equal(chunked[num], one[num], rtol=1e-4, atol=1e-7)
+
+
+def _ches_data(tmp_path, n: int = 10):
+    from preflens.data.synthetic import sentiment_pairs
+
+    data = tmp_path / "ches.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(n, seed=4, response_length=5)))
+    return data
+
+
+def test_ches_refuses_up_front_and_chunked_equals_unchunked(tmp_path) -> None:
+    import pandas as pd
+
+    from preflens.data.collate import tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.diagnostics.ches_scan import ches_pairs_per_batch, run_ches
+    from preflens.grad.memory import estimate_forward_memory
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    data = _ches_data(tmp_path)
+    kw = dict(model="m", data=data, batch_size=8, max_length=32, progress=False, _model_obj=(model, tok))
+    with pytest.raises(MemoryBudgetError) as err:
+        run_ches(output=tmp_path / "no.parquet", max_memory=1000, **kw)
+    _assert_one_line_refusal(
+        err.value, "ches: a forward over pairs of 32 tokens (counted in pairs): even 1 row(s)"
+    )
+    assert not (tmp_path / "no.parquet").exists()  # refused before the first chunk: only the scan's plan
+    assert [p.name for p in (tmp_path / "no.parquet.parts").iterdir()] == ["meta.json"]
+
+    run_ches(output=tmp_path / "one.parquet", max_memory=1 << 40, **kw)
+    budget = estimate_forward_memory(model, [32] * 4).total  # two pairs of --max-length
+    longest = max(it.length for it in tokenize_pairs(load_pairs(data)[0], tok, max_length=32)[0])
+    assert ches_pairs_per_batch(model, longest, 8, budget) < 8  # the batches of 8 are cut
+    run_ches(output=tmp_path / "chunked.parquet", max_memory=budget, **kw)
+    one, chunked = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "chunked.parquet")
+    assert list(one["pair_index"]) == list(chunked["pair_index"]) == list(range(10))
+    pd.testing.assert_series_equal(chunked["ches"], one["ches"], rtol=1e-5, atol=1e-6)
+    pd.testing.assert_series_equal(chunked["ches_normalized"], one["ches_normalized"], rtol=1e-5, atol=1e-6)
+
+
+def test_reward_std_refuses_up_front_and_chunked_equals_unchunked() -> None:
+    """Per-prompt gradient norms over K completions: passes of one prompt give the batched pass's numbers
+    and an explicit autograd loop's; a budget below one prompt's K completions refuses before sampling."""
+    from preflens.data.prompts import PromptRow, encode_prompt
+    from preflens.diagnostics.reward_std import (
+        grad_norm_prompts_per_pass,
+        policy_gradient_norms,
+        reward_std_diagnostic,
+        rloo_weights,
+        sample_completions,
+    )
+    from preflens.rewards import get_reward
+
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    torch.manual_seed(0)
+    prompts = [encode_prompt(tok, t) for t in ("good movie", "bad film here", "ok")]
+    k = 3
+    s = sample_completions(model, tok, prompts, k, max_new_tokens=4)
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.2, -1.0, 0.7], [0.0, 0.0, 1.0]])
+    w = rloo_weights(rewards).float()
+    one, lp1 = policy_gradient_norms(model, s, w, method="gram")
+    longest = int(s.attention_mask.sum(1).max())
+    budget = estimate_gram_memory(model, [longest] * k, compute_dtype=torch.float64).total
+    per_pass = grad_norm_prompts_per_pass(model, longest, k, 3, budget, "gram")
+    assert per_pass == 1
+    chunked, lp2 = policy_gradient_norms(model, s, w, method="gram", prompts_per_pass=per_pass)
+    loop, _ = policy_gradient_norms(model, s, w, method="loop")  # one autograd.grad per prompt
+    torch.testing.assert_close(chunked, one, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(lp2, lp1)
+    torch.testing.assert_close(chunked, loop, rtol=1e-4, atol=1e-7)
+
+    rows = [PromptRow(prompt_id=str(i), prompt=t) for i, t in enumerate(("good movie", "bad film"))]
+    with pytest.raises(MemoryBudgetError) as err:
+        reward_std_diagnostic(
+            model, tok, rows, get_reward("length:4"), k=2, max_new_tokens=4, max_memory=1000
+        )
+    _assert_one_line_refusal(err.value, "reward-std gradient norms: 2 completions of up to")
+
+
+def test_attribute_refuses_up_front_and_chunked_equals_unchunked(tmp_path) -> None:
+    import pandas as pd
+
+    from preflens.data.collate import tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.diagnostics.attribution_scan import run_attribution
+    from preflens.grad.memory import estimate_cross_memory, plan_cross_batch
+
+    model, tok = tiny_model(hidden_size=32, seed=3)
+    model = model.double()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(8, seed=1, response_length=4)))
+    kw = dict(model=None, data=data, probe_pairs=2, batch_size=8, progress=False, _model_obj=(model, tok))
+    with pytest.raises(MemoryBudgetError) as err:
+        run_attribution(output=tmp_path / "no.parquet", max_memory=1000, **kw)
+    _assert_one_line_refusal(
+        err.value, "attribute: pairs against 2 probe pairs (counted in pairs): even 1 row(s)"
+    )
+
+    run_attribution(output=tmp_path / "one.parquet", max_memory=1 << 40, **kw)
+    items = tokenize_pairs(load_pairs(data)[0], tok, max_length=512, max_prompt_length=256)[0]
+    probe = sorted(items, key=lambda it: it.pair_id)[:2]
+    probe_lens = [len(it.prompt_ids) + len(r) for it in probe for r in (it.chosen_ids, it.rejected_ids)]
+    longest = max(it.length for it in items)
+    budget = estimate_cross_memory(model, [longest] * 4, probe_lens, train_pass=True).total  # 2 pairs
+    assert 2 <= plan_cross_batch(model, longest, probe_lens, 8, budget, what="x") < 8  # batches are cut
+    run_attribution(output=tmp_path / "chunked.parquet", max_memory=budget, **kw)
+    one, chunked = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "chunked.parquet")
+    cols = ["effect_chosen", "effect_rejected", "min_effect_chosen"]
+    assert list(one["pair_index"]) == list(chunked["pair_index"])
+    pd.testing.assert_frame_equal(chunked[cols], one[cols], rtol=1e-9, atol=1e-12)

@@ -69,15 +69,17 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
         chat_template: bool = opt.CHAT_TEMPLATE,
+        max_memory: str = opt.MAX_MEMORY,
     ) -> None:
         """Rank training pairs by the first-order effect one SGD step on each has on a probe set's chosen
         log-probs (-lr <grad l_i, grad log pi(y_w,j)>); optionally write the dataset minus the worst ones."""
+        budget = opt.parse_bytes(max_memory, "--max-memory")
         from preflens.diagnostics.attribution_scan import run_attribution
 
         summary = run_attribution(
             model=model, data=data, output=output, eval_data=eval_data, probe_pairs=probe_pairs, loss=loss,
             beta=beta, lr=lr, drop_top=drop_top, filtered_output=filtered_output, ches=ches,
             batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length, dtype=dtype,
-            chat_template=chat_template, device=device,
+            chat_template=chat_template, device=device, max_memory=budget,
         )  # fmt: skip
         _print(summary)

@@ -103,9 +103,11 @@ def register(app: typer.Typer) -> None:
         chosen_field: str = opt.CHOSEN_FIELD,
         rejected_field: str = opt.REJECTED_FIELD,
         on_invalid: str = opt.ON_INVALID,
+        max_memory: str = opt.MAX_MEMORY,
     ) -> None:
         """Score pairs by CHES (Razin et al. 2024, arXiv 2410.08847, Sec. 5); optionally write the dataset
         minus the top-scoring fraction."""
+        budget = opt.parse_bytes(max_memory, "--max-memory")
         opt.check_pairs_early(
             data,
             split=data_split,
@@ -136,6 +138,7 @@ def register(app: typer.Typer) -> None:
             rejected_field=rejected_field,
             on_invalid=on_invalid,
             accelerator=make_accelerator(),
+            max_memory=budget,
         )
         if summary is not None:
             _print(summary)

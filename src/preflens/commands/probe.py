@@ -78,6 +78,10 @@ def _print(s: dict[str, Any]) -> None:
                   f"{s['token_frac_negative_mean']:.0%}")  # fmt: skip
         t.add_row("  inner product from shared / differing tokens",
                   f"{s['token_inner_same_tokens_mean']:.3g} / {s['token_inner_different_tokens_mean']:.3g}")  # fmt: skip
+    if s.get("gram_inexact_skipped_layers"):
+        skipped = s["gram_inexact_skipped_layers"]
+        t.add_row(f"INEXACT: layers left out of the Gram (--skip-oversize-layers): {len(skipped)}",
+                  ", ".join(skipped))  # fmt: skip
     for reason, count in s.get("invalid_rows_dropped", {}).items():
         t.add_row(f"invalid rows dropped ({reason})", str(count))
     for reason, count in s.get("skipped_by_tokenization", {}).items():
@@ -120,6 +124,15 @@ def register(app: typer.Typer) -> None:
         rejected_field: str = opt.REJECTED_FIELD,
         on_invalid: str = opt.ON_INVALID,
         max_memory: str = opt.MAX_MEMORY,
+        skip_oversize_layers: bool = typer.Option(
+            False,
+            "--skip-oversize-layers",
+            help="leave out of the Gram a layer that cannot fit --max-memory in either form even for one "
+            "pair (default: refuse); the output names the layers left out and the Gram is then inexact",
+        ),
+        explain_memory: bool = typer.Option(
+            False, "--explain-memory", help="print the per-layer memory estimate (form, shape, bytes) first"
+        ),
     ) -> None:
         """Per-pair gradient entanglement (Yuan et al. 2024, arXiv 2410.13828) and imbalance (Ma et al.
         2025, arXiv 2502.20847) of a dataset, without training."""
@@ -156,5 +169,7 @@ def register(app: typer.Typer) -> None:
             rejected_field=rejected_field,
             on_invalid=on_invalid,
             max_memory=opt.parse_bytes(max_memory, "--max-memory"),
+            skip_oversize_layers=skip_oversize_layers,
+            explain_memory=explain_memory,
         )
         _print(summary)

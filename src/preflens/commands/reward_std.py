@@ -56,6 +56,7 @@ def run_reward_std(
     reference_field: str = "reference",
     resume: bool = False,
     sampler: str = "hf",
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """The command's work, callable from Python; returns the summary dict (see `run_reward_std_dir`:
     `resume` continues a partial run with the same settings)."""
@@ -82,6 +83,7 @@ def run_reward_std(
         reference_field=reference_field,
         resume=resume,
         sampler=sampler,
+        max_memory=max_memory,
     )
 
 
@@ -167,8 +169,10 @@ def register(app: typer.Typer) -> None:
             False, "--resume", help="continue a partial run in --output-dir (same settings): keep its prompts"
         ),
         sampler: str = SAMPLER,
+        max_memory: str = opt.MAX_MEMORY,
     ) -> None:
         """Per-prompt reward mean/std and expected policy-gradient norm; flags prompts RFT cannot move."""
+        budget = opt.parse_bytes(max_memory, "--max-memory")
         summary = run_reward_std(
             model=model,
             prompts=prompts,
@@ -192,5 +196,6 @@ def register(app: typer.Typer) -> None:
             reference_field=reference_field,
             resume=resume,
             sampler=sampler,
+            max_memory=budget,
         )
         _print(summary, output_dir)

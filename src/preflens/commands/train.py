@@ -104,6 +104,11 @@ def check_train_data_early(config: TrainConfig) -> None:
         raise RunDirError("--overwrite and --resume exclude each other: pick one")
     if config.on_invalid not in ("error", "drop"):
         raise PreflensError(f"--on-invalid must be error or drop, got {config.on_invalid!r}")
+    if isinstance(config.max_memory, str):  # a config file's int is taken as bytes by the trainer
+        from preflens.commands.options import parse_bytes
+
+        if config.max_memory.strip().lower() != "auto":
+            parse_bytes(config.max_memory, "--max-memory")
     sources = [str(config.data)] + ([str(config.eval_data)] if config.eval_data else [])
     if any(not Path(s).expanduser().exists() and not looks_like_path(s) for s in sources):
         return  # a hub id: `datasets` reads it inside the trainer (it imports what it needs)

@@ -36,6 +36,7 @@ from preflens.diagnostics.attribution import pair_effects, rank_agreement
 from preflens.diagnostics.ches_scan import check_drop_options, top_fraction, write_filtered
 from preflens.errors import PreflensError
 from preflens.grad.cross import objective_cross, probe_parts
+from preflens.grad.memory import plan_cross_batch, resolve_budget
 from preflens.logprobs import pair_logps_from_batch
 from preflens.losses import LOSSES, TOKEN_LEVEL_LOSSES, get_loss
 
@@ -123,10 +124,13 @@ def run_attribution(
     chat_template: bool | None = None,
     device: str = "cpu",
     progress: bool = True,
+    max_memory: int | None = None,
     _model_obj: Any = None,
 ) -> dict[str, Any]:
     """Attribute every pair of `data` against the probe set; write OUTPUT (and the filtered pairs).
 
+    `max_memory` (bytes; None: half the free memory): the batch size is cut to fit beside the probe set's
+    parts before the probe pass runs, or the run is refused in one line (`grad.memory.plan_cross_batch`).
     `ches`: a `preflens ches` output of the same data, for the rank agreement in the summary.
     `_model_obj` = (model, tokenizer) already loaded (tests, notebooks).
     """
@@ -150,6 +154,11 @@ def run_attribution(
         raise PreflensError(f"{data}: no pair survived tokenization (check --max-length)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dev = next(lm.parameters()).device
+    probe_lens = [len(it.prompt_ids) + len(r) for it in probe_items for r in (it.chosen_ids, it.rejected_ids)]
+    batch_size = plan_cross_batch(  # issue 18: up front, before the probe pass
+        lm, max(it.length for it in items), probe_lens, batch_size, resolve_budget(max_memory, dev),
+        what=f"attribute: pairs against {len(probe_items)} probe pairs (counted in pairs)",
+    )  # fmt: skip
     probe = probe_parts(lm, *_batch_to(collate_pairs(probe_items, pad), dev))
     loss_fn = get_loss(loss, **({"beta": beta} if beta is not None else {}))
     rows = _score(

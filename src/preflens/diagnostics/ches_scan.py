@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from preflens import models  # models.load_model looked up per call: tests substitute the loader
 from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import DATA_SUFFIXES, load_pairs, write_pairs
-from preflens.diagnostics.ches import ches_from_sums, response_hidden_sums
+from preflens.diagnostics.ches import ches_from_sums, get_decoder, response_hidden_sums
 from preflens.errors import PreflensError, RunDirError
+from preflens.grad.memory import estimate_forward_memory, plan_rows, resolve_budget
 
 __all__ = [
     "run_ches",
@@ -100,14 +101,18 @@ def _score_chunk(
     batch_size: int,
     token_limits: dict[str, Any],
     device: Any,
+    budget: int | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Score the pairs of one chunk; returns (rows, number of pairs dropped by tokenization)."""
+    """Score the pairs of one chunk; returns (rows, number of pairs dropped by tokenization). Under
+    `budget` (bytes) the batches are cut to the pairs one forward may hold (`ches_pairs_per_batch`)."""
     # the same tokenization as training (chat template, EOS-terminated responses, truncation)
     tokenized, _ = tokenize_pairs(pairs, tokenizer, **token_limits)
     dropped = len(pairs) - len(tokenized)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # longest first: an out-of-memory error shows on the first batch, and batches pad little
     order = sorted(range(len(tokenized)), key=lambda i: (-tokenized[i].length, i))
+    if budget is not None and tokenized:
+        batch_size = ches_pairs_per_batch(model, tokenized[order[0]].length, batch_size, budget)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(order), batch_size):
         items = [tokenized[i] for i in order[start : start + batch_size]]
@@ -136,6 +141,20 @@ def _score_chunk(
                 }
             )
     return rows, dropped
+
+
+def ches_pairs_per_batch(model: Any, longest: int, batch_size: int, budget: int) -> int:
+    """The most pairs (<= batch_size) whose forward over rows of `longest` tokens fits `budget` bytes
+    (`grad.memory.estimate_forward_memory`: CHES keeps only the last hidden state); refuses in one line
+    (layer, shape, bytes) when one pair cannot fit. Scores do not depend on the batch: a pair's rows are
+    scored alone as well as with others (right padding, causal attention)."""
+    every_layer = get_decoder(model) is None  # no backbone: output_hidden_states keeps every layer
+
+    def est(k: int) -> Any:
+        return estimate_forward_memory(model, [longest] * (2 * k), all_hidden_states=every_layer)
+
+    what = f"ches: a forward over pairs of {longest} tokens (counted in pairs)"
+    return plan_rows(est, batch_size, budget, min_rows=1, what=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +322,7 @@ def _score_chunks(
     batch_size: int,
     token_limits: dict[str, Any],
     progress: bool,
+    budget: int | None = None,
 ) -> None:
     """Score the remaining chunks, one per process and round; rank 0 writes each as it arrives."""
     n = len(pairs)
@@ -324,6 +344,7 @@ def _score_chunks(
                     batch_size=batch_size,
                     token_limits=token_limits,
                     device=acc.device,
+                    budget=budget,
                 )
                 result = [(c, rows, dropped)]
             gathered = gather_object(result) if world > 1 else result
@@ -431,6 +452,7 @@ def run_ches(
     rejected_field: str = "rejected",
     on_invalid: str = "error",
     accelerator: Any = None,
+    max_memory: int | None = None,
     _model_obj: Any = None,
 ) -> dict[str, Any] | None:
     """Score every pair of `data` (`preflens ches`' work, callable from Python).
@@ -440,6 +462,9 @@ def run_ches(
     `*_field` names and `on_invalid` are `load_pairs`'s (as `preflens train`'s flags of the same names).
     `accelerator`: the process group to score with (an `accelerate.Accelerator`, e.g.
     `preflens.training.runtime.make_accelerator()`); None takes accelerate's process state.
+    `max_memory` (bytes; None: half the free memory): each forward is planned from the shapes before it
+    runs and the batches cut to fit; with `max_length` set, one pair of that length is checked against it
+    before any pair is scored (refused in one line, layer / shape / bytes, when it cannot fit).
     """
     output, data = Path(output), Path(data)
     _check_options(
@@ -484,6 +509,9 @@ def run_ches(
         )
         lm.eval()
         lm.to(acc.device)
+        budget = resolve_budget(max_memory, acc.device)
+        if max_length:  # up front: the longest possible pair must fit before the first chunk starts
+            ches_pairs_per_batch(lm, int(max_length), batch_size, budget)
         _score_chunks(
             acc,
             lm,
@@ -495,6 +523,7 @@ def run_ches(
             batch_size=batch_size,
             token_limits=token_limits,
             progress=progress,
+            budget=budget,
         )
     acc.wait_for_everyone()
     if not acc.is_main_process:

@@ -16,6 +16,7 @@ are zero at that point and only lora_B carries gradient, as at a real run's firs
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from preflens.diagnostics.probe_state import probe_rows
 from preflens.errors import PreflensError
 from preflens.grad import sequence_gram_and_logps
 from preflens.grad.api import gram_rows_per_run
-from preflens.grad.memory import memory_budget, resolve_budget
+from preflens.grad.memory import human, memory_budget, resolve_budget
 from preflens.logprobs import split_pairs
 from preflens.losses import TOKEN_LEVEL_LOSSES, LossFn, get_loss
 
@@ -69,13 +70,18 @@ def plan_probe_memory(
 ) -> dict[str, Any]:
     """Plan every Gram pass of the probe against `budget` from the shapes, before the first one runs:
     the largest batch (2 x batch_size rows) and, per token-level pair, its one-row-per-response-token
-    pass. Returns the estimated peak extra bytes and the chunking; raises `MemoryBudgetError` naming the
-    layer, the shape and the bytes when even two rows of a pass cannot fit."""
+    pass. Returns the estimated peak extra bytes and the chunking, the one line the command prints before
+    the work starts (`line`), the worst pass's per-term breakdown (`breakdown`, `--explain-memory`) and
+    the layers left out under `--skip-oversize-layers` (`skipped_layers`: the Gram is then inexact);
+    raises `MemoryBudgetError` naming the layer, the shape and the bytes when even two rows of a pass
+    cannot fit."""
 
     longest = max(it.length for it in items)
     n_rows = min(2 * batch_size, 2 * len(items))
     rows, est = gram_rows_per_run(lm, [longest] * n_rows, max_memory=budget, what="probe batch")
     plan: dict[str, Any] = {"budget_bytes": budget, "batch_rows_per_pass": rows, "estimate_bytes": est.total}
+    worst, skipped = est, set(est.skipped)
+    parts = [f"probe batch {rows} of {n_rows} rows per pass"]
     for it in items:
         if it.pair_id not in token_ids:
             continue
@@ -85,9 +91,28 @@ def plan_probe_memory(
             p + j + 1 for j in range(len(it.rejected_ids))
         ]
         t_rows, t_est = gram_rows_per_run(lm, lens, max_memory=budget, what=f"token-level pair {it.pair_id}")
+        if t_est.total > worst.total:
+            worst = t_est
+        skipped |= set(t_est.skipped)
         plan["estimate_bytes"] = max(plan["estimate_bytes"], t_est.total)
         plan.setdefault("token_rows", {})[it.pair_id] = len(lens)
         plan.setdefault("token_rows_per_pass", {})[it.pair_id] = t_rows
+        m = -(-len(lens) // max(1, t_rows // 2)) if t_rows < len(lens) else 1
+        parts.append(
+            f"token-level pair {it.pair_id}: {len(lens)} rows, {t_rows} per pass ({max(1, m * (m - 1) // 2)} passes)"
+        )
+    plan["skipped_layers"] = sorted(skipped)
+    plan["line"] = (
+        f"memory: estimated peak extra {human(plan['estimate_bytes'])} ({plan['estimate_bytes']} bytes) under the "
+        f"budget of {human(budget)}; "
+        + "; ".join(parts)
+        + (
+            f"; INEXACT Gram: {len(skipped)} layer(s) left out: {', '.join(sorted(skipped))}"
+            if skipped
+            else ""
+        )
+    )
+    plan["breakdown"] = worst.breakdown()
     return plan
 
 
@@ -114,6 +139,8 @@ def run_probe(
     rejected_field: str = "rejected",
     on_invalid: str = "error",
     max_memory: int | None = None,
+    skip_oversize_layers: bool = False,
+    explain_memory: bool = False,
     _model_obj: Any = None,
 ) -> dict[str, Any]:
     """Measure every pair of `data` (up to `max_pairs`), write the per-pair parquet, return a summary.
@@ -163,8 +190,11 @@ def run_probe(
     # the batches below are sorted by length, so "the first N batch rows" would be the N shortest
     token_ids = set(sorted(it.pair_id for it in items)[: max(token_level, 0)])
     budget = resolve_budget(max_memory, dev)
-    plan = plan_probe_memory(lm, items, batch_size, token_ids, budget)  # refuses before any pass runs
-    with memory_budget(budget):
+    with memory_budget(budget, skip_layers=skip_oversize_layers):
+        plan = plan_probe_memory(lm, items, batch_size, token_ids, budget)  # refuses before any pass runs
+        print(plan["line"], file=sys.stderr, flush=True)  # the estimate, before the long work
+        if explain_memory:
+            print("\n".join(["memory breakdown of the largest pass:", *plan["breakdown"]]), file=sys.stderr)
         for start in range(0, len(items), batch_size):
             batch = collate_pairs(items[start : start + batch_size], pad)
             batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -175,6 +205,8 @@ def run_probe(
     df.to_parquet(output, index=False)
     out = summarize_probe_table(df, loss, output)
     out["memory"] = plan
+    if plan["skipped_layers"]:  # the Gram left these layers out: every Gram-derived number is inexact
+        out["gram_inexact_skipped_layers"] = list(plan["skipped_layers"])
     if load_report.n_dropped:
         out["invalid_rows_dropped"] = dict(load_report.dropped)
     if tok_report.n_dropped:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from preflens.data.prompts import PROMPT_SUFFIXES, PromptRow, encode_prompt, load_prompts  # noqa: F401
 from preflens.errors import PreflensError
 from preflens.grad import GramCapture, GramError
+from preflens.grad.memory import estimate_gram_memory, plan_rows, resolve_budget
 from preflens.logprobs import sequence_logps
 from preflens.rewards import Reward, score
 
@@ -63,6 +64,7 @@ __all__ = [
     "reward_mean_std",
     "exact_reward_std",
     "policy_gradient_norms",
+    "grad_norm_prompts_per_pass",
     "RewardStdResult",
     "reward_std_diagnostic",
     "summarize",
@@ -318,6 +320,7 @@ def policy_gradient_norms(
     params: Sequence[nn.Parameter] | None = None,
     accumulate_scale: float | None = None,
     method: str = "loop",
+    prompts_per_pass: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-prompt norms ||sum_i w_i grad log pi(y_i|x_p)|| and the samples' log-probs.
 
@@ -336,6 +339,8 @@ def policy_gradient_norms(
       The Gram is accumulated in float64, so tiny norms (the small-std prompts this is about) are not
       lost to cancellation (the weights of a prompt sum to zero). Far fewer kernel launches on a GPU.
     - `auto`: `gram`, falling back to `loop` when the model has modules the Gram hooks do not cover.
+    `prompts_per_pass` (`grad_norm_prompts_per_pass`, under a memory budget): the `gram` method runs over
+    that many prompts at a time (a prompt's norm is its own diagonal block of the Gram: the same numbers).
     Returns (norms [P] float32, logps [P*K] detached, on the CPU).
     """
     if method not in GRAD_METHODS:
@@ -345,11 +350,61 @@ def policy_gradient_norms(
         raise PreflensError("the model has no trainable parameters")
     if method != "loop":
         try:
-            return _pg_norms_gram(model, samples, weight_fn, params, accumulate_scale)
+            return _pg_norms_gram_chunked(
+                model, samples, weight_fn, params, accumulate_scale, prompts_per_pass
+            )
         except GramError:
             if method == "gram":
                 raise
     return _pg_norms_loop(model, samples, weight_fn, params, accumulate_scale)
+
+
+def _sub_samples(samples: Samples, p0: int, p1: int) -> Samples:
+    """Prompts p0 .. p1-1 of `samples` (their K rows each)."""
+    sl = slice(p0 * samples.k, p1 * samples.k)
+    return Samples(
+        input_ids=samples.input_ids[sl],
+        attention_mask=samples.attention_mask[sl],
+        response_mask=samples.response_mask[sl],
+        completions=samples.completions[sl],
+        k=samples.k,
+        completion_ids=samples.completion_ids[sl],
+    )
+
+
+def _pg_norms_gram_chunked(
+    model, samples, weight_fn, params, accumulate_scale, per_pass
+) -> tuple[Tensor, Tensor]:
+    n = samples.num_prompts
+    if not per_pass or per_pass >= n:
+        return _pg_norms_gram(model, samples, weight_fn, params, accumulate_scale)
+    norms, logps = [], []
+    for p0 in range(0, n, per_pass):
+        p1 = min(n, p0 + per_pass)
+        if callable(weight_fn):
+            fn: Any = lambda q, lp, _p0=p0: weight_fn(_p0 + q, lp)  # noqa: E731
+        else:
+            fn = weight_fn[p0:p1]
+        nm, lp = _pg_norms_gram(model, _sub_samples(samples, p0, p1), fn, params, accumulate_scale)
+        norms.append(nm)
+        logps.append(lp)
+    return torch.cat(norms), torch.cat(logps)
+
+
+def grad_norm_prompts_per_pass(
+    model: nn.Module, longest: int, k: int, prompts: int, budget: int, method: str = "auto"
+) -> int:
+    """How many prompts (K sequences of up to `longest` tokens each) one gradient-norm pass may take under
+    `budget` bytes, from the shapes (`grad.memory.estimate_gram_memory`; the Gram runs in float64); refuses
+    in one line (layer, shape, bytes) when one prompt's K sequences cannot fit. The `loop` method runs one
+    prompt at a time anyway, so only that check applies to it."""
+
+    def est(m: int) -> Any:
+        return estimate_gram_memory(model, [longest] * (m * k), compute_dtype=torch.float64)
+
+    what = f"reward-std gradient norms: {k} completions of up to {longest} tokens per prompt (counted in prompts)"
+    rows = plan_rows(est, 1 if method == "loop" else prompts, budget, min_rows=1, what=what)
+    return max(1, rows)
 
 
 def _weights(weight_fn: Callable[[int, Tensor], Tensor] | Tensor, p: int, logps: Tensor) -> Tensor:
@@ -440,9 +495,14 @@ def reward_std_diagnostic(
     on_batch: Callable[[RewardStdResult], None] | None = None,
     result: RewardStdResult | None = None,
     sampler: Any = None,
+    max_memory: int | None = None,
 ) -> RewardStdResult:
     """Sample, score and measure every prompt, `batch_size` prompts per generation call.
 
+    `max_memory` (bytes; None: half the free memory): the gradient-norm pass is planned from the shapes
+    before the first prompt is sampled (the longest prompt plus `max_new_tokens`, K completions each):
+    cut into passes of fewer prompts to fit, or refused in one line (layer, shape, bytes) when one prompt's
+    K completions cannot fit.
     Results accumulate in `result` (pass one in to keep what was computed if a later batch fails:
     the caller can save `result` from its exception handler) and `on_batch` is called after each
     batch (e.g. to write the partial parquet). `sampler`: see `sample_completions` (None: transformers).
@@ -457,6 +517,13 @@ def reward_std_diagnostic(
     )
     result = result if result is not None else RewardStdResult(rows=[], samples=[])
     encoded = [encode_prompt(tokenizer, r.prompt, chat_template, r.messages) for r in prompts]
+    per_pass = None
+    if compute_grad_norm and encoded:
+        dev = next(model.parameters()).device
+        longest = max(len(e) for e in encoded) + max_new_tokens
+        per_pass = grad_norm_prompts_per_pass(
+            model, longest, k, min(batch_size, len(encoded)), resolve_budget(max_memory, dev), grad_method
+        )
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         samples = sample_completions(
@@ -482,7 +549,7 @@ def reward_std_diagnostic(
         mean, std = reward_mean_std(rewards)
         if compute_grad_norm:
             norms, logps = policy_gradient_norms(
-                model, samples, rloo_weights(rewards).float(), method=grad_method
+                model, samples, rloo_weights(rewards).float(), method=grad_method, prompts_per_pass=per_pass
             )
         else:
             norms, logps = torch.full((len(batch),), float("nan")), torch.full((len(group),), float("nan"))

@@ -112,6 +112,7 @@ def run_reward_std_dir(
     reference_field: str = "reference",
     resume: bool = False,
     sampler: str = "hf",
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Sample, score and measure every prompt of a prompts file into `output_dir`; returns the summary.
 
@@ -188,6 +189,7 @@ def run_reward_std_dir(
             on_batch=lambda res: write_reward_std(out, res, summary(partial=True)),
             result=result,
             sampler=smp,
+            max_memory=max_memory,
         )
     except RewardError as exc:
         write_reward_std(out, result, summary(partial=True))

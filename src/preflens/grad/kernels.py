@@ -16,6 +16,9 @@ always materialized.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -24,7 +27,7 @@ from torch import Tensor
 from preflens.grad.errors import GramError
 from preflens.grad.parts import Outer, operand
 
-__all__ = ["BLOCK_ELEMS", "STRATEGIES", "Strategy", "param_gram", "row_gram"]
+__all__ = ["BLOCK_ELEMS", "STRATEGIES", "Strategy", "layer_forms", "param_gram", "row_gram"]
 
 Strategy = Literal["auto", "ghost", "materialize"]
 STRATEGIES: tuple[str, ...] = ("auto", "ghost", "materialize")
@@ -32,6 +35,24 @@ STRATEGIES: tuple[str, ...] = ("auto", "ghost", "materialize")
 # Largest intermediate (elements) built at once: ghost [rows_s, rows_t] blocks and materialized
 # [N, chunk, q] per-sequence gradient slices. 2^24 fp32 elements = 64 MiB.
 BLOCK_ELEMS = 1 << 24
+
+# Per-parameter forms chosen under a memory budget (`grad.memory.choose_forms`): name -> "ghost" /
+# "materialize" / "skip"; read by `param_gram` when its strategy is "auto".
+_FORMS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "preflens_layer_forms", default=None
+)
+
+
+@contextlib.contextmanager
+def layer_forms(forms: dict[str, str] | None) -> Iterator[None]:
+    """Within the block, `param_gram` with strategy "auto" uses these per-parameter forms: "ghost" or
+    "materialize" where the memory budget allows only that one, "skip" to leave the parameter out of the
+    Gram (inexact; the caller reports it). Parameters not named keep the compute-cheaper form."""
+    token = _FORMS.set(dict(forms or {}))
+    try:
+        yield
+    finally:
+        _FORMS.reset(token)
 
 
 def _matmul_t(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -220,11 +241,22 @@ def param_gram(
             f"parameter '{name}' is shared between a norm/bias and a matrix use; "
             "sequence_gram does not handle this sharing"
         )
+    form = (_FORMS.get() or {}).get(name) if strategy == "auto" else None
+    if form == "skip":  # left out under the memory budget: no Gram term (the ordinary gradient stays exact)
+        if grad is not None:
+            if vector is not None:
+                grad += vector.sum(0).reshape(grad.shape).to(grad.dtype)
+            else:
+                _summed_grad(_group(outers, dtype), grad, dtype)
+        dev = (vector if vector is not None else outers[0].b).device  # type: ignore[union-attr]
+        return torch.zeros(n, n, dtype=dtype, device=dev)
     if vector is not None:
         if grad is not None:
             grad += vector.sum(0).reshape(grad.shape).to(grad.dtype)
         return row_gram(vector).to(dtype)
     groups = _group(outers, dtype)
+    if form in ("ghost", "materialize"):
+        strategy = form  # type: ignore[assignment]
     if prefers_ghost(groups, n, strategy):
         if grad is not None:
             _summed_grad(groups, grad, dtype)

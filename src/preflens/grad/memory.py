@@ -54,12 +54,23 @@ __all__ = [
     "MemoryEstimate",
     "MemoryItem",
     "available_memory",
+    "check_fits",
+    "choose_forms",
     "human",
     "default_budget",
+    "estimate_capture_memory",
+    "estimate_cross_memory",
+    "estimate_forward_memory",
     "estimate_gram_memory",
     "memory_budget",
+    "parse_size",
+    "plan_cross_batch",
     "plan_rows",
+    "refusal",
     "resolve_budget",
+    "run_budget",
+    "skip_layers_allowed",
+    "skipped_layers",
 ]
 
 # Values a pass holds per token and decoder layer, in units of hidden_size and intermediate_size: on
@@ -78,7 +89,16 @@ MAX_PASSES = 64
 # ~160 MiB on a CPU (BENCHMARKS.md, "Bounded memory").
 WORKSPACE = 256 << 20
 
+# Values an inference forward (no autograd: CHES) holds at once per token: the residual stream, one layer's
+# attention/MLP transients; the same margin over a Llama layer's ~6 hidden + 3 intermediate values.
+INFER_HIDDEN = 8
+INFER_INTERMEDIATE = 4
+
 _BUDGET: list[int | None] = []  # innermost `memory_budget(...)` first
+_SKIP: list[bool] = []  # innermost `memory_budget(..., skip_layers=...)` first
+# The budget of a `preflens train` run (its --max-memory), set at the run's start and cleared at its end:
+# the probes inside the run resolve "auto" to it when no `memory_budget` block is open.
+_RUN_BUDGET: list[int | None] = [None]
 
 
 class MemoryBudgetError(GramError):
@@ -94,6 +114,13 @@ class MemoryItem:
     layer: str
     shape: tuple[int, ...]
     bytes: int
+    # held for the whole pass (True) or one at a time with the other transient terms (False); None: by
+    # name (the "kernel ..." terms are the one-at-a-time ones)
+    transient: bool | None = None
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return self.what.startswith("kernel") if self.transient is None else self.transient
 
 
 @dataclass
@@ -103,15 +130,53 @@ class MemoryEstimate:
     rows: int
     tokens: int
     items: list[MemoryItem] = field(default_factory=list)
+    # parameter name -> the form the budget forces where it differs from the compute-cheaper one
+    # ("ghost" / "materialize" / "skip"; `choose_forms`): what the pass runs under `kernels.layer_forms`
+    forced: dict[str, str] = field(default_factory=dict)
 
     @property
     def held(self) -> int:
-        return sum(i.bytes for i in self.items if not i.what.startswith("kernel"))
+        return sum(i.bytes for i in self.items if not i.one_at_a_time)
 
     @property
     def largest_kernel(self) -> MemoryItem | None:
-        kernels = [i for i in self.items if i.what.startswith("kernel")]
+        kernels = [i for i in self.items if i.one_at_a_time]
         return max(kernels, key=lambda i: i.bytes) if kernels else None
+
+    @property
+    def skipped(self) -> list[str]:
+        """Layers (parameters) whose Gram term this pass leaves out (`choose_forms(..., skip=True)`)."""
+        return [i.layer for i in self.items if i.what == "kernel (skipped)"]
+
+    @property
+    def forms(self) -> dict[str, str]:
+        """Per parameter, the Gram form this estimate counts ("ghost" / "materialize" / "skip"):
+        the breakdown `--explain-memory` prints (the forced ones are in `forced`)."""
+        names = {
+            "kernel (ghost)": "ghost",
+            "kernel (materialized)": "materialize",
+            "kernel (skipped)": "skip",
+        }
+        return {i.layer: names[i.what] for i in self.items if i.what in names}
+
+    def breakdown(self, limit: int = 12) -> list[str]:
+        """The terms, largest first (`limit` of them), and how many layers run in each Gram form
+        (`preflens probe --explain-memory`)."""
+        rows = sorted(self.items, key=lambda i: -i.bytes)
+        out = [f"{human(i.bytes):>10}  {i.what:<22} {i.layer} {list(i.shape)}" for i in rows[:limit]]
+        if len(rows) > limit:
+            out.append(f"{'':>10}  ... {len(rows) - limit} smaller terms")
+        counts: dict[str, int] = {}
+        for form in self.forms.values():
+            counts[form] = counts.get(form, 0) + 1
+        if counts:
+            forced = f"; forced by the budget: {len(self.forced)}" if self.forced else ""
+            out.append(
+                f"total {human(self.total)}; Gram forms per layer: "
+                + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                + forced
+            )
+        return out
 
     @property
     def total(self) -> int:
@@ -180,15 +245,54 @@ def default_budget(device: torch.device | str | None = None, share: float = DEFA
 
 
 @contextlib.contextmanager
-def memory_budget(max_bytes: int | None) -> Iterator[None]:
+def memory_budget(max_bytes: int | None, *, skip_layers: bool = False) -> Iterator[None]:
     """Within the block, passes that are not given a budget use `max_bytes` (None: the default budget).
 
-    How a command's `--max-memory` reaches passes run deep inside a diagnostic (the token-level probe)."""
+    How a command's `--max-memory` reaches passes run deep inside a diagnostic (the token-level probe).
+    `skip_layers`: a layer whose Gram kernel cannot fit even for the smallest chunk is left out of the Gram
+    (`choose_forms`) instead of refusing the pass; the result is then inexact and says which layers."""
     _BUDGET.insert(0, max_bytes)
+    _SKIP.insert(0, bool(skip_layers))
     try:
         yield
     finally:
         _BUDGET.pop(0)
+        _SKIP.pop(0)
+
+
+def skip_layers_allowed() -> bool:
+    """Whether the innermost `memory_budget` block allows leaving out layers that cannot fit."""
+    return bool(_SKIP and _SKIP[0])
+
+
+def run_budget(max_bytes: int | None) -> None:
+    """Set (an int) or clear (None) the budget of a training run: what "auto" resolves to when no
+    `memory_budget` block is open (the probes of `preflens train --max-memory`)."""
+    _RUN_BUDGET[0] = max_bytes
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value: int | str | None, flag: str = "--max-memory") -> int | None:
+    """'6GB' -> 6e9, '500MiB' -> 500 * 2^20, '123' or 123 -> 123 bytes, None / 'auto' -> None (the default
+    budget); anything else: a one-line `PreflensError` naming `flag` (a config file's value lands here)."""
+    import re
+
+    from preflens.errors import PreflensError
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise PreflensError(
+            f"{flag}: expected a positive size such as 6GB, 500MiB or 2000000000 (bytes), got {value!r}"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def resolve_budget(max_memory: int | str | None, device: torch.device | str | None = None) -> int:
@@ -202,6 +306,8 @@ def resolve_budget(max_memory: int | str | None, device: torch.device | str | No
         raise GramError(f"max_memory must be bytes (int), 'auto' or None, got {max_memory!r}")
     if _BUDGET and _BUDGET[0] is not None:
         return int(_BUDGET[0])
+    if _RUN_BUDGET[0] is not None:
+        return int(_RUN_BUDGET[0])
     return default_budget(device)
 
 
@@ -240,25 +346,60 @@ def _selected(
     return [(n, p) for n, p in named if n in names or id(p) in ids]
 
 
-def _kernel_item(
+def _kernel_forms(
     name: str, p: nn.Parameter, onehot: bool, rows: int, n: int, longest: int, dsize: int
-) -> MemoryItem:
-    """The Gram kernel of one parameter over `rows` tokens of `n` sequences (kernels.param_gram)."""
+) -> tuple[str, dict[str, MemoryItem]]:
+    """The Gram kernel of one parameter over `rows` tokens of `n` sequences (kernels.param_gram): the form
+    `kernels.prefers_ghost` picks by compute ("ghost" / "materialize"), and each form's memory."""
     if p.dim() < 2:
-        return MemoryItem("kernel", name, (n, p.numel()), 2 * n * p.numel() * dsize)
+        item = MemoryItem("kernel", name, (n, p.numel()), 2 * n * p.numel() * dsize)
+        return "materialize", {"materialize": item, "ghost": item}
     d_out, d_in = int(p.shape[0]), int(p.shape[-1])
     if onehot:  # nn.Embedding [vocab, d]: the one-hot side is the vocabulary, only ids are stored
         d_in, d_out = int(p.shape[0]), int(p.shape[1])
     a_cost = 1 if onehot else d_in
     ghost_cost = float(rows) * rows * (a_cost + d_out)
     mat_cost = float(rows) * (d_in * d_out if not onehot else d_out) + float(n) * n * d_in * d_out
-    if ghost_cost < mat_cost:
-        parts = rows * ((0 if onehot else d_in) + d_out)
-        blocks = 3 * min(rows * rows, max(BLOCK_ELEMS, rows))
-        return MemoryItem("kernel (ghost)", name, (rows, rows), (parts + blocks) * dsize)
+    parts = rows * ((0 if onehot else d_in) + d_out)
+    blocks = 3 * min(rows * rows, max(BLOCK_ELEMS, rows))
     padded = n * longest * ((0 if onehot else d_in) + d_out)
     slices = 3 * min(n * d_in * d_out, max(BLOCK_ELEMS, n * d_out))
-    return MemoryItem("kernel (materialized)", name, (n, d_in, d_out), (padded + slices) * dsize)
+    forms = {
+        "ghost": MemoryItem("kernel (ghost)", name, (rows, rows), (parts + blocks) * dsize),
+        "materialize": MemoryItem("kernel (materialized)", name, (n, d_in, d_out), (padded + slices) * dsize),
+    }
+    return ("ghost" if ghost_cost < mat_cost else "materialize"), forms
+
+
+def _kernel_item(
+    name: str,
+    p: nn.Parameter,
+    onehot: bool,
+    rows: int,
+    n: int,
+    longest: int,
+    dsize: int,
+    form: str | None = None,
+) -> MemoryItem:
+    """The kernel term of one parameter: the form asked for (`choose_forms`), else the cheaper one."""
+    auto, forms = _kernel_forms(name, p, onehot, rows, n, longest, dsize)
+    if form == "skip":
+        return MemoryItem("kernel (skipped)", name, forms[auto].shape, 0)
+    return forms[form if form in forms else auto]
+
+
+def _onehot_owners(model: nn.Module) -> dict[int, bool]:
+    return {
+        id(m.weight): isinstance(m, nn.Embedding)
+        for m in model.modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
+
+
+def _sizes(model: nn.Module, compute_dtype: torch.dtype) -> tuple[int, int]:
+    act_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    asize = torch.finfo(act_dtype).bits // 8 if act_dtype.is_floating_point else 4
+    return asize, torch.finfo(compute_dtype).bits // 8
 
 
 def estimate_gram_memory(
@@ -268,20 +409,21 @@ def estimate_gram_memory(
     params: Iterable[str | nn.Parameter] | None = None,
     *,
     compute_dtype: torch.dtype = torch.float32,
+    forms: dict[str, str] | None = None,
 ) -> MemoryEstimate:
     """Peak extra bytes of `sequence_gram` over rows of these `lengths` (tokens up to and including each
     row's last response token), from shapes alone.
 
     `response_tokens`: response tokens over all rows (default: sum(lengths), an upper bound); `params`: as
-    `sequence_gram`'s (default: the trainable ones). Nothing runs: the model is only inspected.
+    `sequence_gram`'s (default: the trainable ones); `forms`: parameter name -> "ghost" / "materialize" /
+    "skip" (`choose_forms`; default: the form the kernels pick by compute). Nothing runs: the model is only
+    inspected.
     """
     lengths = [int(x) for x in lengths]
     n, tokens = len(lengths), sum(lengths)
     longest = max(lengths, default=0)
     dims = _config_dims(model)
-    act_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    asize = torch.finfo(act_dtype).bits // 8 if act_dtype.is_floating_point else 4
-    dsize = torch.finfo(compute_dtype).bits // 8
+    asize, dsize = _sizes(model, compute_dtype)
     est = MemoryEstimate(rows=n, tokens=tokens)
     per_token = ACT_HIDDEN * dims["hidden"] + ACT_INTERMEDIATE * dims["intermediate"]
     padded = n * longest  # right padding: the forward runs every row to the longest one
@@ -300,13 +442,260 @@ def estimate_gram_memory(
     est.items.append(
         MemoryItem("unembedding", "lm_head", (head_rows, dims["vocab"]), 3 * head_rows * dims["vocab"] * 4)
     )
-    owners = {
-        id(m.weight): isinstance(m, nn.Embedding)
-        for m in model.modules()
-        if isinstance(getattr(m, "weight", None), nn.Parameter)
-    }
+    owners = _onehot_owners(model)
+    forms = forms or {}
+    est.forced = dict(forms)
     for name, p in _selected(model, params):
-        est.items.append(_kernel_item(name, p, owners.get(id(p), False), tokens, n, longest, dsize))
+        onehot = owners.get(id(p), False)
+        est.items.append(_kernel_item(name, p, onehot, tokens, n, longest, dsize, forms.get(name)))
+    return est
+
+
+def choose_forms(
+    model: nn.Module,
+    lengths: Sequence[int],
+    budget: int,
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: bool = False,
+    fixed: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Per parameter, the Gram form of a pass over rows of these `lengths` under `budget` (issue 14 item 3):
+    the compute-cheaper form where it fits beside the held terms (activations, head, workspace) (not
+    listed); else the other form where that fits; else, with `skip`, "skip" (the layer is left out of the
+    Gram: the result is inexact and says so), without it nothing (the cheaper form stays, and the pass is
+    refused by `plan_rows`, naming that layer). Returns only the forced forms; `fixed`: forms decided
+    before (kept as they are)."""
+    lengths = [int(x) for x in lengths]
+    n, rows = len(lengths), sum(lengths)
+    longest = max(lengths, default=0)
+    _, dsize = _sizes(model, compute_dtype)
+    sel = None if params is None else list(params)
+    held = estimate_gram_memory(model, lengths, params=[], compute_dtype=compute_dtype).held
+    owners = _onehot_owners(model)
+    out: dict[str, str] = dict(fixed or {})
+    for name, p in _selected(model, sel):
+        if name in out:
+            continue
+        auto, forms = _kernel_forms(name, p, owners.get(id(p), False), rows, n, longest, dsize)
+        other = "materialize" if auto == "ghost" else "ghost"
+        if held + forms[auto].bytes <= budget:
+            continue  # the compute-cheaper form fits: nothing forced
+        if held + forms[other].bytes <= budget:
+            out[name] = other
+        elif skip:
+            out[name] = "skip"
+    return out
+
+
+def skipped_layers(forms: dict[str, str] | None) -> list[str]:
+    return sorted(k for k, v in (forms or {}).items() if v == "skip")
+
+
+def refusal(
+    what: str, est: MemoryEstimate, budget: int, hint: str, *, rows: int | None = None
+) -> MemoryBudgetError:
+    """The one-line refusal: what, the estimate, the budget, and the largest term's layer, shape and bytes."""
+    big = est.largest()
+    count = f"even {rows} row(s) need" if rows is not None else "needs"
+    return MemoryBudgetError(
+        f"{what}: {count} {human(est.total)} ({est.total} bytes), over the memory budget "
+        f"of {human(budget)} ({budget} bytes); "
+        f"largest: {big.what} of {big.layer} with shape {list(big.shape)} = {human(big.bytes)} "
+        f"({big.bytes} bytes). {hint}"
+    )
+
+
+def check_fits(
+    est: MemoryEstimate, budget: int, what: str, hint: str = "Raise --max-memory"
+) -> MemoryEstimate:
+    """`est` when it fits `budget`; else the one-line `MemoryBudgetError` (for work that cannot be chunked)."""
+    if est.total > budget:
+        raise refusal(what, est, budget, hint)
+    return est
+
+
+# ---------------------------------------------------------------------------------------------
+# the other diagnostics: captures riding on a training step, cross products, inference forwards
+# ---------------------------------------------------------------------------------------------
+
+
+def _parts_item(
+    what: str, name: str, p: nn.Parameter, onehot: bool, rows: int, n: int, dsize: int
+) -> MemoryItem:
+    """One parameter's parts of a pass over `rows` tokens of `n` sequences (`grad.parts`): a matrix's
+    input and output-gradient rows R x (d_in + d_out) (one-hot: R x d_out and the ids), a vector's
+    per-sequence rows N x numel."""
+    if p.dim() < 2:
+        return MemoryItem(what, name, (n, p.numel()), n * p.numel() * dsize, transient=False)
+    d_out, d_in = int(p.shape[0]), int(p.shape[-1])
+    if onehot:
+        return MemoryItem(
+            what, name, (rows, int(p.shape[1])), rows * (int(p.shape[1]) * dsize + 8), transient=False
+        )
+    return MemoryItem(what, name, (rows, d_in + d_out), rows * (d_in + d_out) * dsize, transient=False)
+
+
+def _uses(model: nn.Module) -> dict[int, int]:
+    """How many modules own each parameter (a tied embedding / head: 2)."""
+    count: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                count[id(p)] = count.get(id(p), 0) + 1
+    return count
+
+
+def estimate_capture_memory(
+    model: nn.Module,
+    lengths: Sequence[int],
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    fused: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> MemoryEstimate:
+    """Peak extra bytes of a `StepGramCapture` (`--step-entanglement`) on a training micro-batch of rows of
+    these `lengths`, beyond the step itself: the step's activations are the step's own (not counted); a
+    parameter's parts wait until all its uses have their output-gradients, so a parameter used by several
+    modules (a tied embedding and head: from the first to the last layer of the backward) is held across
+    the step's backward; the others are reduced one at a time (their parts + kernel, the largest counts),
+    and with `fused` the weight gradient the hooks write (one parameter's size in the compute dtype)."""
+    lengths = [int(x) for x in lengths]
+    n, rows = len(lengths), sum(lengths)
+    longest = max(lengths, default=0)
+    _, dsize = _sizes(model, compute_dtype)
+    est = MemoryEstimate(rows=n, tokens=rows)
+    est.items.append(MemoryItem("workspace", "runtime", (), WORKSPACE))
+    owners, uses = _onehot_owners(model), _uses(model)
+    for name, p in _selected(model, params):
+        onehot = owners.get(id(p), False)
+        k = _kernel_item(name, p, onehot, rows, n, longest, dsize)
+        if fused:
+            k = MemoryItem(k.what, k.layer, k.shape, k.bytes + p.numel() * dsize)
+        est.items.append(k)
+        if uses.get(id(p), 1) > 1:
+            est.items.append(_parts_item("parts (held, tied)", name, p, onehot, rows, n, dsize))
+    return est
+
+
+def estimate_cross_memory(
+    model: nn.Module,
+    train_lengths: Sequence[int],
+    probe_lengths: Sequence[int],
+    params: Iterable[str | nn.Parameter] | None = None,
+    *,
+    keep: bool = False,
+    train_pass: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> MemoryEstimate:
+    """Peak extra bytes of in-run attribution (`grad.cross`: `probe_parts` then a `CrossCapture` on a
+    training micro-batch of rows of `train_lengths`): the probe set's parts of every selected parameter are
+    held from the probe pass to the end of the step; one at a time come the probe pass's own activations
+    and head (before the step) and each parameter's cross kernel (its training parts plus three
+    [rows, probe rows] blocks); `keep` (Adam's form) also holds every parameter's training parts;
+    `train_pass` (`preflens attribute`: `objective_cross` runs the training rows' own forward and backward,
+    not a training step's) also holds that pass's activations and head."""
+    tl, pl = [int(x) for x in train_lengths], [int(x) for x in probe_lengths]
+    nt, rt, np_, rp = len(tl), sum(tl), len(pl), sum(pl)
+    asize, dsize = _sizes(model, compute_dtype)
+    est = MemoryEstimate(rows=nt + np_, tokens=rt + rp)
+    probe_pass = estimate_gram_memory(model, pl, params=[], compute_dtype=compute_dtype)
+    est.items.append(
+        MemoryItem(
+            "probe pass", "activations and head", (np_, max(pl, default=0)), probe_pass.held, transient=True
+        )
+    )
+    owners = _onehot_owners(model)
+    for name, p in _selected(model, params):
+        onehot = owners.get(id(p), False)
+        est.items.append(_parts_item("probe parts (held)", name, p, onehot, rp, np_, dsize))
+        train = _parts_item("parts", name, p, onehot, rt, nt, dsize)
+        blocks = 3 * min(rt * rp, max(BLOCK_ELEMS, rp)) * dsize
+        est.items.append(MemoryItem("kernel (cross)", name, (rt, rp), train.bytes + blocks, transient=True))
+        if keep:
+            est.items.append(_parts_item("parts (kept for Adam)", name, p, onehot, rt, nt, dsize))
+    if train_pass:
+        own = estimate_gram_memory(model, tl, params=[], compute_dtype=compute_dtype)
+        est.items.append(
+            MemoryItem(
+                "training rows' pass",
+                "activations and head",
+                (nt, max(tl, default=0)),
+                own.held - WORKSPACE,
+                transient=False,
+            )  # fmt: skip
+        )
+    est.items.append(MemoryItem("workspace", "runtime", (), WORKSPACE))
+    return est
+
+
+def plan_cross_batch(
+    model: nn.Module, longest: int, probe_lengths: Sequence[int], batch_size: int, budget: int, what: str
+) -> int:
+    """Pairs per `objective_cross` batch (<= batch_size; rows of up to `longest` tokens) under `budget`,
+    the probe set's parts held throughout (`estimate_cross_memory(train_pass=True)`); refuses in one line
+    when even one pair cannot fit beside them. Pairs do not interact: the cross rows are the same."""
+
+    def est(k: int) -> MemoryEstimate:
+        return estimate_cross_memory(model, [longest] * (2 * k), probe_lengths, train_pass=True)
+
+    return plan_rows(est, batch_size, budget, min_rows=1, what=what)
+
+
+def estimate_forward_memory(
+    model: nn.Module, lengths: Sequence[int], *, all_hidden_states: bool = False
+) -> MemoryEstimate:
+    """Peak extra bytes of an inference forward (no autograd) over rows of these `lengths` that keeps the
+    last hidden state (CHES, `diagnostics.ches`): one decoder layer's transients at a time (INFER_HIDDEN x
+    hidden + INFER_INTERMEDIATE x intermediate values per token, plus heads x T^2 when the attention is
+    eager), the last hidden state [N, T, hidden] and its float32 copy; `all_hidden_states` (a model without
+    a separable backbone: `output_hidden_states=True`): every layer's hidden state and the logits too."""
+    lengths = [int(x) for x in lengths]
+    n, longest = len(lengths), max([int(x) for x in lengths], default=0)
+    dims = _config_dims(model)
+    asize, _ = _sizes(model, torch.float32)
+    est = MemoryEstimate(rows=n, tokens=sum(lengths))
+    per_token = INFER_HIDDEN * dims["hidden"] + INFER_INTERMEDIATE * dims["intermediate"]
+    attn = dims["heads"] * n * longest * longest if dims["eager"] else 0
+    est.items.append(
+        MemoryItem(
+            "activations (one layer)",
+            "decoder layer",
+            (n, longest, per_token),
+            (n * longest * per_token + attn) * asize,
+            transient=False,
+        )  # fmt: skip
+    )
+    est.items.append(
+        MemoryItem(
+            "last hidden state",
+            "final norm",
+            (n, longest, dims["hidden"]),
+            n * longest * dims["hidden"] * (asize + 4),
+            transient=False,
+        )  # fmt: skip
+    )
+    if all_hidden_states:
+        est.items.append(
+            MemoryItem(
+                "hidden states",
+                f"{dims['layers']} layers",
+                (dims["layers"], n, longest, dims["hidden"]),
+                dims["layers"] * n * longest * dims["hidden"] * asize,
+                transient=False,
+            )  # fmt: skip
+        )
+        est.items.append(
+            MemoryItem(
+                "logits",
+                "lm_head",
+                (n, longest, dims["vocab"]),
+                n * longest * dims["vocab"] * 4,
+                transient=False,
+            )  # fmt: skip
+        )
+    est.items.append(MemoryItem("workspace", "runtime", (), WORKSPACE))
     return est
 
 
@@ -328,13 +717,10 @@ def plan_rows(
     lo, hi = min(min_rows, n), n  # invariant: hi does not fit
     small = estimate_of(lo)
     if small.total > budget:
-        big = small.largest()
-        raise MemoryBudgetError(
-            f"{what}: even {lo} row(s) need {human(small.total)} ({small.total} bytes), over the memory budget "
-            f"of {human(budget)} ({budget} bytes); "
-            f"largest: {big.what} of {big.layer} with shape {list(big.shape)} = {human(big.bytes)} "
-            f"({big.bytes} bytes). Raise --max-memory, or lower --max-length / --batch-size / --token-level"
-        )
+        raise refusal(
+            what, small, budget,
+            "Raise --max-memory, or lower --max-length / --batch-size / --token-level", rows=lo,
+        )  # fmt: skip
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if estimate_of(mid).total <= budget:

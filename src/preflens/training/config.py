@@ -187,6 +187,12 @@ class TrainConfig:
         "Attribution form: sgd (-lr <grad l_i, grad logp_j>, exact), or adam (also each pair's share of the "
         "AdamW update through the step's actual denominator; keeps the step's activations until the update).",
     )
+    # --- bounded memory of the diagnostics above (issue 18: training/memory_plan.py)
+    max_memory: str | None = _opt(
+        None,
+        "Peak extra memory --probe-every / --step-entanglement / --attribute-every may use, e.g. 6GB or 500MiB "
+        "(default: half the free RAM / GPU memory); estimated before step 1: chunked to fit, or refused.",
+    )
     progress: bool = _opt(True, "Show a progress bar.")
 
     @classmethod

@@ -72,6 +72,7 @@ from preflens.training.distributed import (
     lean_logps_module,
     through_forward,
 )
+from preflens.training.memory_plan import MemoryPlanCallback
 from preflens.training.metrics import STAT_COLS, eval_columns, eval_line, pair_rows, pair_stats, run_metrics
 from preflens.training.model_setup import build_model, is_peft
 from preflens.training.optim import make_optimizer
@@ -121,6 +122,8 @@ class Trainer:
         self.loss_kwargs = resolve_loss_kwargs(config)
         self._model_in, self._tokenizer_in = model, tokenizer
         self.callbacks = list(callbacks)
+        if config.probe_every or config.step_entanglement or config.attribute_every:  # issue 18: first
+            self.callbacks.append(MemoryPlanCallback())
         if config.probe_every or config.step_entanglement:
             self.callbacks.append(ProbeCallback(config.probe_every, config.probe_pairs, config.step_entanglement))  # fmt: skip
         self.callbacks += [AttributionCallback.from_config(config)] if config.attribute_every else []
