@@ -109,6 +109,53 @@ def test_trl_config_file_keys_carry_over_and_ld_alpha_trains(tmp_path, monkeypat
     assert kw["loss_weights"] == [1.0, 0.5] and kw["ld_alpha"] == 0.5 and kw["label_smoothing"] == 0.1
 
 
+def test_use_weighting_trains_from_flags_and_from_a_trl_config(tmp_path, monkeypatch, capsys, model_dir):
+    """WPO (TRL's use_weighting) through `preflens train`: `--loss-kwargs use_weighting=true`, and a TRL
+    YAML's top-level `use_weighting: true` with a loss_type list. The run trains and evaluates (the head
+    computes log sum p^2; before, the loss refused for want of it); the logged losses differ from the unweighted
+    ones; tests/test_losses_wpo_train.py checks the numbers against TRL's own trainer."""
+
+    def run_flags(out, *extra):
+        code, _, err = run_cli(
+            monkeypatch, capsys, "--data", data_file(tmp_path), "--model", model_dir, "--output-dir", out,
+            "--loss", "sigmoid", "--steps", 2, "--batch-size", 4, "--eval-every", 1, "--report-to", "none",
+            "--no-progress", "--lr", "1e-3", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    weighted = run_flags(tmp_path / "wpo", "--loss-kwargs", "use_weighting=true")
+    plain = run_flags(tmp_path / "plain")
+    saved = yaml.safe_load((tmp_path / "wpo" / "config.yaml").read_text())
+    assert saved["loss_kwargs_resolved"]["use_weighting"] is True
+    ev_w = [r for r in weighted if r["split"] == "eval"]
+    ev_p = [r for r in plain if r["split"] == "eval"]
+    assert len(ev_w) == len(ev_p) == 3 and ev_p[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert all(abs(w["loss"] - p["loss"]) > 1e-3 for w, p in zip(ev_w, ev_p))  # weighted by w_w w_l != 1
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dataset_name": str(data_file(tmp_path)),
+                "loss_type": ["sigmoid", "bco_pair", "sft"],
+                "loss_weights": [0.8, 0.2, 1.0],
+                "use_weighting": True,
+                "max_steps": 1,
+                "batch_size": 4,
+                "eval_every": 0,
+                "report_to": "none",
+                "progress": False,
+            }  # fmt: skip
+        )
+    )
+    code, _, err = run_cli(
+        monkeypatch, capsys, "--config", cfg, "--model", model_dir, "--output-dir", tmp_path / "r3"
+    )
+    assert code == 0, err
+    kw = yaml.safe_load((tmp_path / "r3" / "config.yaml").read_text())["loss_kwargs_resolved"]
+    assert kw["use_weighting"] is True and kw["loss_weights"] == [0.8, 0.2, 1.0]
+
+
 def test_config_errors_name_the_option():
     def cfg(**kw):
         return build_config(TrainConfig, {"data": "x", "output_dir": "y", **kw}, {})
