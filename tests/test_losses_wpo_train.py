@@ -140,3 +140,26 @@ def test_use_weighting_eval_loss_is_wpo_weight_times_log2_at_step_0(tmp_path):
     want = float((math.log(2) * w[:n] * w[n:]).mean())
     assert ev0["step"] == 0 and ev0["loss"] == pytest.approx(want, rel=1e-5)
     assert want < 0.9 * math.log(2)  # far from the unweighted log 2
+
+
+def test_compare_runs_use_weighting_beside_plain_dpo(tmp_path):
+    """`run_compare` (preflens compare's work) with TRL's options per loss: sigmoid with use_weighting next
+    to dpo, same start; at step 0 the eval log-probs agree and the losses differ by WPO's weights."""
+    from preflens.compare import run_compare
+
+    rows = sentiment_pairs(16, seed=0, response_length=4)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp"
+    run_compare(
+        ["dpo", "sigmoid"], str(tmp_path / "p.jsonl"), out, model_factory=_model,
+        loss_kwargs={"sigmoid": {"use_weighting": True}}, steps=1, batch_size=4, lr=1e-3, eval_every=1,
+        report_to="none", save_every=0, progress=False,
+    )  # fmt: skip
+
+    def ev0(name):
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["split"] == "eval" and r["step"] == 0)
+
+    a, b = ev0("dpo"), ev0("sigmoid")
+    assert a["logps/chosen"] == pytest.approx(b["logps/chosen"], abs=1e-5)
+    assert a["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(b["loss"] - a["loss"]) > 0.05

@@ -312,9 +312,10 @@ def run_compare(
     for name, kw in loss_kwargs.items():
         if name not in losses:
             raise PreflensError(f"loss_kwargs for '{name}', which is not in --losses {losses}")
-        bad = sorted(set(kw) - set(loss_hparams(name)))
+        accepted = loss_hparams(name, options=True)  # with TRL's objective options (ld_alpha, use_weighting, ...)
+        bad = sorted(set(kw) - set(accepted))
         if bad:
-            raise PreflensError(f"loss '{name}' has no hyper-parameter(s) {bad}; it has {loss_hparams(name)}")
+            raise PreflensError(f"loss '{name}' has no hyper-parameter(s) {bad}; it has {accepted}")
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise PreflensError(f"{out}: exists and is not empty; pass a new --output-dir")
