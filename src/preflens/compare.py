@@ -312,7 +312,7 @@ def run_compare(
     for name, kw in loss_kwargs.items():
         if name not in losses:
             raise PreflensError(f"loss_kwargs for '{name}', which is not in --losses {losses}")
-        accepted = loss_hparams(name, options=True)  # with TRL's objective options (ld_alpha, use_weighting, ...)
+        accepted = loss_hparams(name, options=True)  # TRL's objective options too (ld_alpha, ...)
         bad = sorted(set(kw) - set(accepted))
         if bad:
             raise PreflensError(f"loss '{name}' has no hyper-parameter(s) {bad}; it has {accepted}")
