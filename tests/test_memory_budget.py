@@ -166,8 +166,11 @@ def test_probe_refuses_up_front(tmp_path) -> None:
     assert not (tmp_path / "p.parquet").exists()
     res = CliRunner().invoke(app, [*args, "--max-memory", "lots"])
     assert res.exit_code != 0
-    res = CliRunner().invoke(app, [*args, "--max-memory", "4GB", "--token-level", "1"])
+    res = CliRunner().invoke(app, [*args, "--max-memory", "4GB", "--token-level", "1", "--explain-memory"])
     assert res.exit_code == 0, res.output
+    # the estimate, printed before the work, and the per-layer breakdown (forms of every layer)
+    assert "memory: estimated peak extra" in res.output and "token-level pair 0:" in res.output
+    assert "memory breakdown of the largest pass:" in res.output and "Gram forms per layer:" in res.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,3 +357,81 @@ def test_attribute_refuses_up_front_and_chunked_equals_unchunked(tmp_path) -> No
     cols = ["effect_chosen", "effect_rejected", "min_effect_chosen"]
     assert list(one["pair_index"]) == list(chunked["pair_index"])
     pd.testing.assert_frame_equal(chunked[cols], one[cols], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# per layer: ghost / materialized / skip under the budget (issue 14 item 3)
+# ---------------------------------------------------------------------------------------------
+
+_Q = "model.layers.0.self_attn.q_proj.weight"  # [hidden 32, hidden 32]
+
+
+def _full_rows(n: int = 4, t: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, t), generator=g)
+    att = torch.ones(n, t, dtype=torch.long)
+    rm = torch.zeros(n, t, dtype=torch.bool)
+    rm[:, 3:] = True
+    return ids, att, rm
+
+
+def _autograd_gram(model, ids, att, rm, names):
+    from preflens.logprobs import sequence_logps
+
+    params = [p for n, p in model.named_parameters() if n in names]
+    rows = []
+    for s in range(ids.shape[0]):
+        lp = sequence_logps(model, ids[s : s + 1], att[s : s + 1], rm[s : s + 1]).logps.sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(lp, params)]))
+    g = torch.stack(rows)
+    return g @ g.T
+
+
+def test_the_form_that_fits_is_picked_per_layer(monkeypatch) -> None:
+    """With the block floor at one element, q_proj over 4 rows of 12 tokens is cheaper to compute
+    materialized (R d_in d_out + N^2 d_in d_out = 65536 < R^2 (d_in + d_out) = 147456) but smaller ghost
+    (written out below): under a budget between the two, the ghost form is forced, the pass is not
+    chunked, and the Gram is the autograd one."""
+    import preflens.grad.memory as mem
+
+    monkeypatch.setattr(mem, "BLOCK_ELEMS", 1)
+    model, _ = _model()
+    n, t, r, d = 4, 12, 48, 32
+    ghost = (r * (d + d) + 3 * min(r * r, max(1, r))) * 8
+    mat = (n * t * (d + d) + 3 * min(n * d * d, max(1, n * d))) * 8
+    assert (ghost, mat) == (25728, 27648)
+    held = estimate_gram_memory(model, [t] * n, params=[], compute_dtype=torch.float64).held
+    budget = held + ghost
+    auto = estimate_gram_memory(model, [t] * n, params=[_Q], compute_dtype=torch.float64)
+    assert auto.forms == {_Q: "materialize"} and auto.total == held + mat > budget
+    rows, est = gram_rows_per_run(model, [t] * n, [_Q], max_memory=budget, compute_dtype=torch.float64)
+    assert rows == n and est.forced == {_Q: "ghost"} and est.total == budget
+    assert any("forced by the budget: 1" in line for line in est.breakdown())
+    ids, att, rm = _full_rows(n, t)
+    g = sequence_gram(model, ids, att, rm, [_Q], compute_dtype=torch.float64, max_memory=budget)
+    torch.testing.assert_close(g, _autograd_gram(model, ids, att, rm, {_Q}), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_that_fits_in_neither_form_is_refused_or_skipped(monkeypatch) -> None:
+    import preflens.grad.memory as mem
+
+    monkeypatch.setattr(mem, "BLOCK_ELEMS", 1)
+    model, _ = _model()
+    norm = "model.norm.weight"  # a vector: its kernel is 2 N d values
+    ids, att, rm = _full_rows()
+    two = estimate_gram_memory(model, [12, 12], params=[_Q, norm], compute_dtype=torch.float64)
+    q_smallest = min(i.bytes for i in (mem._kernel_forms(_Q, dict(model.named_parameters())[_Q], False,
+                                                          24, 2, 12, 8)[1].values()))  # fmt: skip
+    budget = two.held + q_smallest - 1  # two rows: q_proj fits in neither form, the norm weight does
+    with pytest.raises(MemoryBudgetError) as err:
+        sequence_gram(model, ids, att, rm, [_Q, norm], compute_dtype=torch.float64, max_memory=budget)
+    assert _Q in str(err.value) and "\n" not in str(err.value)
+    with memory_budget(budget, skip_layers=True), pytest.warns(UserWarning, match="inexact Gram.*q_proj"):
+        g = sequence_gram(model, ids, att, rm, [_Q, norm], compute_dtype=torch.float64)
+    with pytest.raises(MemoryBudgetError):  # outside the block nothing is skipped ...
+        gram_rows_per_run(model, [12] * 4, [_Q, norm], max_memory=budget, compute_dtype=torch.float64)
+    with memory_budget(budget, skip_layers=True):
+        rows, est = gram_rows_per_run(model, [12] * 4, [_Q, norm], compute_dtype=torch.float64)
+    assert est.skipped == [_Q] and est.forms[_Q] == "skip"  # ... inside it q_proj is left out
+    # the Gram left out exactly q_proj's term: it is the norm weight's alone
+    torch.testing.assert_close(g, _autograd_gram(model, ids, att, rm, {norm}), rtol=1e-5, atol=1e-8)

@@ -248,7 +248,9 @@ def param_gram(
                 grad += vector.sum(0).reshape(grad.shape).to(grad.dtype)
             else:
                 _summed_grad(_group(outers, dtype), grad, dtype)
-        dev = (vector if vector is not None else outers[0].b).device  # type: ignore[union-attr]
+        o = outers[0] if outers else None
+        src = vector if vector is not None else (o.b if o.b is not None else o.grid[1])  # type: ignore[union-attr,index]
+        dev = src.device
         return torch.zeros(n, n, dtype=dtype, device=dev)
     if vector is not None:
         if grad is not None:

@@ -496,14 +496,22 @@ def skipped_layers(forms: dict[str, str] | None) -> list[str]:
 def refusal(
     what: str, est: MemoryEstimate, budget: int, hint: str, *, rows: int | None = None
 ) -> MemoryBudgetError:
-    """The one-line refusal: what, the estimate, the budget, and the largest term's layer, shape and bytes."""
+    """The one-line refusal: what, the estimate, the budget, the largest term's layer, shape and bytes,
+    and the largest one-at-a-time kernel's when that is another term (the layer that cannot fit)."""
     big = est.largest()
     count = f"even {rows} row(s) need" if rows is not None else "needs"
+    kernel = est.largest_kernel
+    also = ""
+    if kernel is not None and kernel is not big and kernel.bytes:
+        also = (
+            f"; largest kernel: {kernel.what} of {kernel.layer} with shape {list(kernel.shape)} = "
+            f"{human(kernel.bytes)} ({kernel.bytes} bytes)"
+        )
     return MemoryBudgetError(
         f"{what}: {count} {human(est.total)} ({est.total} bytes), over the memory budget "
         f"of {human(budget)} ({budget} bytes); "
         f"largest: {big.what} of {big.layer} with shape {list(big.shape)} = {human(big.bytes)} "
-        f"({big.bytes} bytes). {hint}"
+        f"({big.bytes} bytes){also}. {hint}"
     )
 
 
