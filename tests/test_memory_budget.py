@@ -223,6 +223,7 @@ def test_train_diagnostics_refuse_before_step_1(tmp_path, flags, start) -> None:
     assert not [r for r in rows if r.get("split") == "train"]  # refused in set-up, before step 1
 
 
+@pytest.mark.slow
 def test_train_probe_every_chunked_equals_unchunked(tmp_path, capsys) -> None:
     """--probe-every under a budget that fits two rows of --max-length but not the whole probe set: the
     probes run as several passes, and every probes.parquet number equals the one-pass run's."""
@@ -412,6 +413,7 @@ def test_the_form_that_fits_is_picked_per_layer(monkeypatch) -> None:
     torch.testing.assert_close(g, _autograd_gram(model, ids, att, rm, {_Q}), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_layer_that_fits_in_neither_form_is_refused_or_skipped(monkeypatch) -> None:
     import preflens.grad.memory as mem
 
