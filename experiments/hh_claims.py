@@ -78,6 +78,9 @@ def train_run(args, out: Path, data: Path, eval_data: Path, *, loss: str = "dpo"
         "progress": False, "seed": 0, "scheduler": "constant", "pairs_train_subset": 0,
     }  # fmt: skip
     opts.update(kw)
+    if args.reuse and (out / "pairs.parquet").is_file():
+        print(f"  reusing {out.name}", flush=True)
+        return out
     t = time.time()
     run = train(TrainConfig(**opts))
     print(f"  trained {out.name} ({loss}, {opts['steps']} steps) in {time.time() - t:.0f} s", flush=True)
@@ -90,8 +93,9 @@ def ches_scores(args, data: Path, out: Path):
 
     from preflens.diagnostics.ches_scan import run_ches
 
-    run_ches(model=None, data=data, output=out, overwrite=True, max_length=args.max_tokens + 8,
-             max_prompt_length=args.max_tokens, progress=False)  # fmt: skip
+    if not (args.reuse and out.is_file()):
+        run_ches(model=None, data=data, output=out, overwrite=True, max_length=args.max_tokens + 8,
+                 max_prompt_length=args.max_tokens, progress=False)  # fmt: skip
     return pd.read_parquet(out).set_index("pair_index").sort_index()
 
 
@@ -132,21 +136,39 @@ def part_a(args, rows: list[dict], work: Path) -> dict:
                 "mean_chosen_change": float(t["chosen_change"].mean()),
                 "mean_rejected_change": float(t["rejected_change"].mean()),
                 "frac_chosen_fell": float(t["chosen_fell"].mean()),
+                "mean_chosen_tokens": float(sc.loc[idx, "chosen_len"].mean()),
+                "mean_rejected_tokens": float(sc.loc[idx, "rejected_len"].mean()),
+                "mean_chosen_change_per_token": float((t["chosen_change"] / sc.loc[t.index, "chosen_len"]).mean()),
             })  # fmt: skip
             if measure == "CHES":
-                per_pair.append(t.assign(ches=sc.loc[idx, "score"].to_numpy()))
+                per_pair.append(t.join(sc[["score", "chosen_len"]]))
     pp = pd.concat(per_pair)
-    rho = spearman(pp["ches"], pp["chosen_change"])
-    print("\n| subset | pairs | mean CHES | mean edit sim | mean Δ chosen | mean Δ rejected | chosen fell |")
-    print("|---|---|---|---|---|---|---|")
+    per_tok = pp["chosen_change"] / pp["chosen_len"]
+    rhos = {
+        "ches_vs_chosen_change": spearman(pp["score"], pp["chosen_change"]),
+        "ches_vs_chosen_change_per_token": spearman(pp["score"], per_tok),
+        "chosen_tokens_vs_chosen_change": spearman(pp["chosen_len"], pp["chosen_change"]),
+        "ches_vs_chosen_tokens": spearman(pp["score"], pp["chosen_len"]),
+    }
+    print(
+        "\n| subset | pairs | mean CHES | mean edit sim | chosen / rejected tokens | mean Δ chosen | "
+        "Δ chosen per token | mean Δ rejected | chosen fell |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         label = f"{r['measure']} Q{r['quartile']}" + {1: " (lowest)", 4: " (highest)"}.get(r["quartile"], "")
         print(
-            f"| {label} | {r['pairs']} | {r['mean_ches']:+.1f} | {r['mean_edit_similarity']:.2f} | "
-            f"{r['mean_chosen_change']:+.2f} | {r['mean_rejected_change']:+.2f} | {r['frac_chosen_fell']:.0%} |"
+            f"| {label} | {r['pairs']} | {r['mean_ches']:+.3g} | {r['mean_edit_similarity']:.2f} | "
+            f"{r['mean_chosen_tokens']:.1f} / {r['mean_rejected_tokens']:.1f} | {r['mean_chosen_change']:+.2f} | "
+            f"{r['mean_chosen_change_per_token']:+.3f} | {r['mean_rejected_change']:+.2f} | {r['frac_chosen_fell']:.0%} |"
         )
-    print(f"\nacross the four CHES-quartile runs: Spearman(CHES, chosen change) = {rho:+.2f} (n = {len(pp)})")
-    return {"quartiles": results, "spearman_ches_vs_chosen_change": rho}
+    print(
+        f"\nacross the four CHES-quartile runs (n = {len(pp)} pairs), Spearman: CHES vs chosen change "
+        f"{rhos['ches_vs_chosen_change']:+.2f}; CHES vs chosen change per chosen token "
+        f"{rhos['ches_vs_chosen_change_per_token']:+.2f}; chosen tokens vs chosen change "
+        f"{rhos['chosen_tokens_vs_chosen_change']:+.2f}; CHES vs chosen tokens {rhos['ches_vs_chosen_tokens']:+.2f}"
+    )
+    return {"quartiles": results, "spearman": rhos}
 
 
 def part_b(args, rows: list[dict], work: Path) -> dict:
@@ -294,6 +316,9 @@ def main() -> None:
     ap.add_argument("--drop", type=float, default=0.25, help="part c: share dropped")
     ap.add_argument("--random-seeds", type=int, default=3, help="part c")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep finished runs and scores under --out (re-read only)"
+    )
     args = ap.parse_args()
 
     import torch
