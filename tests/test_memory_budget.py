@@ -437,3 +437,28 @@ def test_a_layer_that_fits_in_neither_form_is_refused_or_skipped(monkeypatch) ->
     assert est.skipped == [_Q] and est.forms[_Q] == "skip"  # ... inside it q_proj is left out
     # the Gram left out exactly q_proj's term: it is the norm weight's alone
     torch.testing.assert_close(g, _autograd_gram(model, ids, att, rm, {norm}), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("command", ["train", "ches", "reward-std", "attribute"])
+def test_bad_max_memory_is_one_line_before_the_model_loads(tmp_path, command) -> None:
+    from typer.testing import CliRunner
+
+    from preflens.cli import app
+    from preflens.data.synthetic import sentiment_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(2, seed=1, response_length=4)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    args = {
+        "train": ["--data", str(data), "--output-dir", str(tmp_path / "run")],
+        "ches": ["--data", str(data), "-o", str(tmp_path / "c.parquet")],
+        "reward-std": ["--prompts", str(prompts), "--reward", "length:4", "-o", str(tmp_path / "r")],
+        "attribute": ["--data", str(data), "-o", str(tmp_path / "a.parquet")],
+    }[command]
+    res = CliRunner().invoke(
+        app, [command, *args, "--model", str(tmp_path / "absent"), "--max-memory", "lots"]
+    )
+    assert res.exit_code != 0
+    assert "--max-memory: expected a positive size such as 6GB" in str(res.exception) + res.output
+    assert not (tmp_path / "run").exists()
