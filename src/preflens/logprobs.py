@@ -254,8 +254,8 @@ class _FusedLinearLogps(torch.autograd.Function):
             z = F.linear(h[s : s + chunk_rows], weight, bias).float()
             lse[s : s + chunk_rows] = torch.logsumexp(z, dim=-1)
             tgt[s : s + chunk_rows] = z.gather(-1, targets[s : s + chunk_rows, None]).squeeze(-1)
-            if lss is not None:
-                lss[s : s + chunk_rows] = _log_sum_sq(z, lse[s : s + chunk_rows])
+            if lss is not None:  # z is not needed after this: doubled in place, no second [chunk, V] buffer
+                lss[s : s + chunk_rows] = torch.logsumexp(z.mul_(2.0), dim=-1) - 2.0 * lse[s : s + chunk_rows]
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_rows = chunk_rows
         ctx.autocast_dtype = _autocast_dtype(h.device.type)
