@@ -21,7 +21,7 @@ observed change is log pi_i(theta_after) - log pi_i(theta_before), from scoring 
 FSDP2 (`torch.distributed.fsdp.fully_shard`, DTensor parameters): exact, not approximated. The forward
 must run through the sharded root's call (the caller passes `forward`, e.g. `training.fsdp.ThroughRoot`:
 this module may not import training), so FSDP gathers the root's parameters and arms its backward. Each
-row then gets its own forward and backward (one backward per forward, as FSDP2's hooks expect); FSDP's
+row then gets its own forward and backward (one backward per forward, as in a training step); FSDP's
 reduce-scatter leaves every rank the *mean over ranks* of that row's gradient in its local shard of
 `p.grad`, which is the row's gradient itself because every rank scores the same rows. The dot product of
 the local shards of the gradient and of the update, summed over the ranks (one all-reduce of N numbers),
