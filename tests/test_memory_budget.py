@@ -462,3 +462,49 @@ def test_bad_max_memory_is_one_line_before_the_model_loads(tmp_path, command) ->
     assert res.exit_code != 0
     assert "--max-memory: expected a positive size such as 6GB" in str(res.exception) + res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_capture_cross_and_forward_estimates_are_the_shapes_written_out() -> None:
+    """The new estimators against their terms written out for one parameter of the tiny model."""
+    from preflens.grad.memory import (
+        INFER_HIDDEN,
+        INFER_INTERMEDIATE,
+        estimate_capture_memory,
+        estimate_cross_memory,
+        estimate_forward_memory,
+    )
+
+    model, _ = _model()  # float64, hidden 32, intermediate 48, untied head [vocab, 32]
+    cfg = model.config
+    name = "model.layers.0.mlp.down_proj.weight"  # d_in 48, d_out 32
+    n, t = 4, 10
+    rows = n * t
+    # --step-entanglement: no activations (the step's own); one kernel + the fused gradient. Materialized
+    # here: R d_in d_out + N^2 d_in d_out = 86016 < R^2 (d_in + d_out) = 128000 (R = 40 tokens)
+    cap = estimate_capture_memory(model, [t] * n, [name], fused=True, compute_dtype=torch.float64)
+    mat = (n * t * (48 + 32) + 3 * min(n * 48 * 32, BLOCK_ELEMS)) * 8
+    assert [i.what for i in cap.items] == ["workspace", "kernel (materialized)"]
+    assert cap.total == WORKSPACE + mat + 48 * 32 * 8
+    # a tied parameter's parts are held across the backward
+    tied, _ = tiny_model(hidden_size=32, intermediate_size=48, tie_word_embeddings=True)
+    emb = "model.embed_tokens.weight"
+    held = [i for i in estimate_capture_memory(tied, [t] * n, [emb]).items if i.what == "parts (held, tied)"]
+    vocab = tied.config.vocab_size  # the head's rows R x (d + vocab), the embedding's R x d and its ids
+    assert len(held) == 1 and held[0].bytes == rows * (32 + vocab) * 4 + rows * (32 * 4 + 8)
+    # --attribute-every: the probe parts of every parameter held, the cross kernel one at a time
+    probe = [6, 8]
+    cross = estimate_cross_memory(model, [t] * n, probe, [name], compute_dtype=torch.float64)
+    by = {i.what: i for i in cross.items}
+    rp = sum(probe)
+    assert by["probe parts (held)"].bytes == rp * (48 + 32) * 8
+    assert by["kernel (cross)"].bytes == (rows * (48 + 32) + 3 * min(rows * rp, BLOCK_ELEMS)) * 8
+    probe_acts = cfg.num_hidden_layers * 2 * 8 * (ACT_HIDDEN * 32 + ACT_INTERMEDIATE * 48) * 8
+    probe_head = 3 * rp * cfg.vocab_size * 4
+    assert by["probe pass"].bytes == probe_acts + probe_head
+    assert cross.total == WORKSPACE + by["probe parts (held)"].bytes + max(
+        by["probe pass"].bytes, by["kernel (cross)"].bytes
+    )
+    # CHES: one layer's transients and the last hidden state (+ its float32 copy), no autograd
+    fwd = estimate_forward_memory(model, [t] * n)
+    one_layer = n * t * (INFER_HIDDEN * 32 + INFER_INTERMEDIATE * 48) * 8
+    assert fwd.total == WORKSPACE + one_layer + n * t * 32 * (8 + 4)

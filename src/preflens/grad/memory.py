@@ -576,14 +576,23 @@ def estimate_capture_memory(
     est = MemoryEstimate(rows=n, tokens=rows)
     est.items.append(MemoryItem("workspace", "runtime", (), WORKSPACE))
     owners, uses = _onehot_owners(model), _uses(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, p in _selected(model, params):
         onehot = owners.get(id(p), False)
         k = _kernel_item(name, p, onehot, rows, n, longest, dsize)
         if fused:
             k = MemoryItem(k.what, k.layer, k.shape, k.bytes + p.numel() * dsize)
         est.items.append(k)
-        if uses.get(id(p), 1) > 1:
-            est.items.append(_parts_item("parts (held, tied)", name, p, onehot, rows, n, dsize))
+        if (
+            uses.get(id(p), 1) > 1
+        ):  # every use's parts: a tied embedding's ids and rows, the head's dense rows
+            held = [_parts_item("parts (held, tied)", name, p, False, rows, n, dsize)]
+            if id(p) in embeddings:
+                held.append(_parts_item("parts (held, tied)", name, p, True, rows, n, dsize))
+            shape = held[0].shape if len(held) == 1 else (rows, held[0].shape[1] + held[1].shape[1])
+            est.items.append(
+                MemoryItem("parts (held, tied)", name, shape, sum(h.bytes for h in held), transient=False)
+            )
     return est
 
 
@@ -611,7 +620,11 @@ def estimate_cross_memory(
     probe_pass = estimate_gram_memory(model, pl, params=[], compute_dtype=compute_dtype)
     est.items.append(
         MemoryItem(
-            "probe pass", "activations and head", (np_, max(pl, default=0)), probe_pass.held, transient=True
+            "probe pass",
+            "activations and head",
+            (np_, max(pl, default=0)),
+            probe_pass.held - WORKSPACE,
+            transient=True,
         )
     )
     owners = _onehot_owners(model)
