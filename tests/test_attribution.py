@@ -136,6 +136,45 @@ def test_entries_equal_explicit_gradients(loss: str) -> None:
     assert torch.isnan(got[~ok]).all()
 
 
+@pytest.mark.parametrize("layout", ["equal_ordered", "unequal_ordered", "shuffled"])
+def test_materialized_kernel_equals_explicit_outer_products(layout: str) -> None:
+    """cross_param's materialized form (a tied head's dense part plus an embedding's one-hot part, the
+    flat rows stacked per sequence) against G_s = sum_r a_r b_r^T built row by row here, in float64:
+    rows in sequence order with equal counts (the view path), unequal counts, and shuffled rows."""
+    from preflens.grad.cross import cross_param
+    from preflens.grad.parts import Outer
+
+    g = torch.Generator().manual_seed(11)
+    p, q = 37, 5
+
+    def side(n: int) -> tuple[list[Outer], torch.Tensor]:
+        counts = [4] * n if layout == "equal_ordered" else [1 + (3 * s) % 5 for s in range(n)]
+        seg = torch.cat([torch.full((c,), s) for s, c in enumerate(counts)])
+        if layout == "shuffled":
+            seg = seg[torch.randperm(len(seg), generator=g)]
+        a = torch.randn(len(seg), p, generator=g, dtype=torch.float64)
+        b = torch.randn(len(seg), q, generator=g, dtype=torch.float64)
+        ids = torch.randint(0, p, (2 * n,), generator=g)
+        hot_seg = torch.arange(2 * n) % n
+        hb = torch.randn(2 * n, q, generator=g, dtype=torch.float64)
+        dense = Outer(a=a, ids=None, b=b, seg=seg, p=p, q=q, rows=len(seg))
+        hot = Outer(a=None, ids=ids, b=hb, seg=hot_seg, p=p, q=q, rows=2 * n)
+        full = torch.zeros(n, p, q, dtype=torch.float64)
+        for r in range(len(seg)):
+            full[seg[r]] += torch.outer(a[r], b[r])
+        for r in range(2 * n):
+            full[hot_seg[r], ids[r]] += hb[r]
+        return [dense, hot], full.reshape(n, -1)
+
+    (ta, gt), (pb, gp) = side(3), side(4)
+    got = cross_param("w", (ta, None), (pb, None), 3, 4, strategy="materialize", dtype=torch.float64)
+    expect = gt @ gp.T
+    assert torch.allclose(got, expect, rtol=1e-10, atol=1e-10)
+    denom = torch.rand(p, q, generator=g, dtype=torch.float64) + 0.5
+    got = cross_param("w", (ta, None), (pb, None), 3, 4, dtype=torch.float64, denom=denom)
+    assert torch.allclose(got, gt @ (gp / denom.reshape(1, -1)).T, rtol=1e-10, atol=1e-10)
+
+
 def test_lora_and_ghost_vs_materialized_and_standalone() -> None:
     from peft import LoraConfig, get_peft_model
 

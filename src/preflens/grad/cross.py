@@ -157,16 +157,38 @@ def _slabs(
         elif o.ids is not None:
             out.append(("hot", o.ids, o.b, o.seg))  # type: ignore[arg-type]
         else:
-            seg = o.seg
-            idx = torch.argsort(seg, stable=True)  # type: ignore[arg-type]
-            seg = seg[idx]  # type: ignore[index]
-            counts = torch.bincount(seg, minlength=n)
-            pos = torch.arange(o.rows, device=seg.device) - (torch.cumsum(counts, 0) - counts)[seg]
-            longest = int(counts.max()) if o.rows else 0
-            a = o.a.new_zeros(n, longest, o.p).index_put_((seg, pos), o.a[idx])  # type: ignore[union-attr,index]
-            b = o.b.new_zeros(n, longest, o.q).index_put_((seg, pos), o.b[idx])  # type: ignore[union-attr,index]
-            out.append(("bmm", a, b, None))
+            out.append(("bmm", *_padded(o, n), None))
     return out
+
+
+def _padded(o: Outer, n: int) -> tuple[Tensor, Tensor]:
+    """A flat dense part's rows stacked per sequence: a [n, L, p], b [n, L, q], zero rows after a
+    sequence's own (L: the longest sequence's row count).
+
+    Rows already in sequence order with equal counts (e.g. a lean head's response rows of equal-length
+    responses) are a view; otherwise one scatter into an uninitialised buffer whose padding rows alone
+    are zeroed (a full zero fill plus a sorted copy of a [rows, V] head part cost as much as its bmm)."""
+    seg: Tensor = o.seg  # type: ignore[assignment]
+    a: Tensor = o.a  # type: ignore[assignment]
+    b: Tensor = o.b  # type: ignore[assignment]
+    counts = torch.bincount(seg, minlength=n)
+    longest = int(counts.max()) if o.rows else 0
+    ordered = o.rows == 0 or bool((seg[1:] >= seg[:-1]).all())
+    if ordered and o.rows == n * longest and bool((counts == longest).all()):
+        return a.reshape(n, longest, o.p), b.reshape(n, longest, o.q)
+    if not ordered:
+        idx = torch.argsort(seg, stable=True)
+        seg, a, b = seg[idx], a[idx], b[idx]
+    pos = torch.arange(o.rows, device=seg.device) - (torch.cumsum(counts, 0) - counts)[seg]
+    out = []
+    for x, width in ((a, o.p), (b, o.q)):
+        buf = x.new_empty(n, longest, width)
+        buf.index_put_((seg, pos), x)
+        for s, c in enumerate(counts.tolist()):
+            if c < longest:
+                buf[s, c:].zero_()
+        out.append(buf)
+    return out[0], out[1]
 
 
 def _dense_slice(
@@ -177,11 +199,26 @@ def _dense_slice(
     c1: int,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Per-sequence gradients restricted to rows c0:c1 of the [p, q] weight: [n, c1 - c0, q]."""
-    g = torch.zeros(n, c1 - c0, q, dtype=dtype, device=slabs[0][2].device)
+    """Per-sequence gradients restricted to rows c0:c1 of the [p, q] weight: [n, c1 - c0, q].
+
+    The first dense part's bmm writes the slice itself (no zero-filled buffer to add it into: on one CPU
+    thread the fill and the extra pass cost 40% of the bmm, BENCHMARKS.md), later ones accumulate in
+    place; a one-hot part alone starts from zeros."""
+    g: Tensor | None = None
+    for kind, x, b, _seg in slabs:
+        if kind != "bmm":
+            continue
+        xa, xb = operand(x[:, :, c0:c1], dtype).transpose(1, 2), operand(b, dtype)
+        if g is None:
+            g = torch.bmm(xa, xb).to(dtype)
+        elif xa.dtype == g.dtype and xb.dtype == g.dtype:
+            g.baddbmm_(xa, xb)
+        else:  # half-precision CUDA operands into a float32 slice
+            g += torch.bmm(xa, xb).to(dtype)
+    if g is None:
+        g = torch.zeros(n, c1 - c0, q, dtype=dtype, device=slabs[0][2].device)
     for kind, x, b, seg in slabs:
         if kind == "bmm":
-            g += torch.bmm(operand(x[:, :, c0:c1], dtype).transpose(1, 2), operand(b, dtype)).to(dtype)
             continue
         sel = (x >= c0) & (x < c1)
         if bool(sel.any()):
