@@ -263,7 +263,7 @@ def test_ches_refuses_up_front_and_chunked_equals_unchunked(tmp_path) -> None:
     from preflens.data.collate import tokenize_pairs
     from preflens.data.formats import load_pairs
     from preflens.diagnostics.ches_scan import ches_pairs_per_batch, run_ches
-    from preflens.grad.memory import estimate_forward_memory
+    from preflens.grad.estimates import estimate_forward_memory
 
     model, tok = tiny_model(hidden_size=32, seed=0)
     data = _ches_data(tmp_path)
@@ -333,7 +333,7 @@ def test_attribute_refuses_up_front_and_chunked_equals_unchunked(tmp_path) -> No
     from preflens.data.formats import load_pairs
     from preflens.data.synthetic import sentiment_pairs
     from preflens.diagnostics.attribution_scan import run_attribution
-    from preflens.grad.memory import estimate_cross_memory, plan_cross_batch
+    from preflens.grad.estimates import estimate_cross_memory, plan_cross_batch
 
     model, tok = tiny_model(hidden_size=32, seed=3)
     model = model.double()
@@ -466,7 +466,7 @@ def test_bad_max_memory_is_one_line_before_the_model_loads(tmp_path, command) ->
 
 def test_capture_cross_and_forward_estimates_are_the_shapes_written_out() -> None:
     """The new estimators against their terms written out for one parameter of the tiny model."""
-    from preflens.grad.memory import (
+    from preflens.grad.estimates import (
         INFER_HIDDEN,
         INFER_INTERMEDIATE,
         estimate_capture_memory,

@@ -36,7 +36,8 @@ from preflens.diagnostics.attribution import pair_effects, rank_agreement
 from preflens.diagnostics.ches_scan import check_drop_options, top_fraction, write_filtered
 from preflens.errors import PreflensError
 from preflens.grad.cross import objective_cross, probe_parts
-from preflens.grad.memory import plan_cross_batch, resolve_budget
+from preflens.grad.estimates import plan_cross_batch
+from preflens.grad.memory import resolve_budget
 from preflens.logprobs import pair_logps_from_batch
 from preflens.losses import LOSSES, TOKEN_LEVEL_LOSSES, get_loss
 
@@ -130,7 +131,7 @@ def run_attribution(
     """Attribute every pair of `data` against the probe set; write OUTPUT (and the filtered pairs).
 
     `max_memory` (bytes; None: half the free memory): the batch size is cut to fit beside the probe set's
-    parts before the probe pass runs, or the run is refused in one line (`grad.memory.plan_cross_batch`).
+    parts before the probe pass runs, or the run is refused in one line (`grad.estimates.plan_cross_batch`).
     `ches`: a `preflens ches` output of the same data, for the rank agreement in the summary.
     `_model_obj` = (model, tokenizer) already loaded (tests, notebooks).
     """

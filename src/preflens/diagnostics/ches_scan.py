@@ -37,7 +37,8 @@ from preflens.data.collate import collate_pairs, tokenize_pairs
 from preflens.data.formats import DATA_SUFFIXES, load_pairs, write_pairs
 from preflens.diagnostics.ches import ches_from_sums, get_decoder, response_hidden_sums
 from preflens.errors import PreflensError, RunDirError
-from preflens.grad.memory import estimate_forward_memory, plan_rows, resolve_budget
+from preflens.grad.estimates import estimate_forward_memory
+from preflens.grad.memory import plan_rows, resolve_budget
 
 __all__ = [
     "run_ches",
@@ -145,7 +146,7 @@ def _score_chunk(
 
 def ches_pairs_per_batch(model: Any, longest: int, batch_size: int, budget: int) -> int:
     """The most pairs (<= batch_size) whose forward over rows of `longest` tokens fits `budget` bytes
-    (`grad.memory.estimate_forward_memory`: CHES keeps only the last hidden state); refuses in one line
+    (`grad.estimates.estimate_forward_memory`: CHES keeps only the last hidden state); refuses in one line
     (layer, shape, bytes) when one pair cannot fit. Scores do not depend on the batch: a pair's rows are
     scored alone as well as with others (right padding, causal attention)."""
     every_layer = get_decoder(model) is None  # no backbone: output_hidden_states keeps every layer

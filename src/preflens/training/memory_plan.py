@@ -8,11 +8,11 @@ second, not after the model load, the reference pass and some steps. Per diagnos
   passes over pairs of row blocks under the budget (the run's budget is what its "auto" resolves to), and
   is refused when even two rows cannot fit;
 - `--step-entanglement`: the capture rides on the step's own backward (`grad.StepGramCapture`), so it
-  cannot be chunked: its extra bytes (`grad.memory.estimate_capture_memory`: parameters used twice held
+  cannot be chunked: its extra bytes (`grad.estimates.estimate_capture_memory`: parameters used twice held
   across the backward, then one parameter's parts, kernel and fused gradient at a time) for the largest
   micro-batch must fit, else refused;
 - `--attribute-every`: the probe set's parts of every parameter are held across the step
-  (`grad.memory.estimate_cross_memory`), not chunkable inside a step: refused when they do not fit.
+  (`grad.estimates.estimate_cross_memory`), not chunkable inside a step: refused when they do not fit.
 
 Each refusal is one line naming the layer, its shape and the bytes (`grad.memory.refusal`).
 """
@@ -22,15 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from preflens.grad.api import gram_rows_per_run
-from preflens.grad.memory import (
-    check_fits,
-    estimate_capture_memory,
-    estimate_cross_memory,
-    human,
-    parse_size,
-    resolve_budget,
-    run_budget,
-)
+from preflens.grad.estimates import estimate_capture_memory, estimate_cross_memory
+from preflens.grad.memory import check_fits, human, parse_size, resolve_budget, run_budget
 from preflens.training.callbacks import TrainerCallback, TrainerView
 
 __all__ = ["MemoryPlanCallback", "probe_set_lengths"]
