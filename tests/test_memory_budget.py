@@ -237,12 +237,12 @@ def test_train_probe_every_chunked_equals_unchunked(tmp_path, capsys) -> None:
         return pd.read_parquet(train(cfg, model=model, tokenizer=tok) / "probes.parquet")
 
     one = run("one", "1TB")
-    assert "probe set: 6 rows, 6 per pass" in capsys.readouterr().out
+    assert "(probe set: 6 rows, 6 per pass)" in capsys.readouterr().out
     model, _ = tiny_model(hidden_size=32, seed=0)
     two_rows = estimate_gram_memory(model, [32, 32]).total  # rows are shorter than --max-length 32
     chunked = run("chunked", str(two_rows))
     out = capsys.readouterr().out
-    assert "probe set: 6 rows, " in out and "probe set: 6 rows, 6 per pass" not in out
+    assert "(probe set: 6 rows, " in out and "(probe set: 6 rows, 6 per pass)" not in out
     assert len(one) == len(chunked) == 9  # 3 probe pairs at steps 0, 1, 2
     num = [c for c in one.columns if pd.api.types.is_float_dtype(one[c])]
     assert {"cosine", "inner", "pred_delta_chosen"} <= set(num)

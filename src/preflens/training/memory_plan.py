@@ -80,16 +80,21 @@ class MemoryPlanCallback(TrainerCallback):
             plan["attribution_bytes"] = est.total
         self.plan = plan
         run_budget(budget)  # the probes' "auto" budget for the rest of the run
-        peak = max([v for k, v in plan.items() if k.endswith("_bytes") and k != "budget_bytes"], default=0)
         say = getattr(trainer, "say", None)
         if say is not None:
-            chunks = (
-                f"; probe set: {plan['probe_rows']} rows, {plan['probe_rows_per_pass']} per pass"
-                if "probe_rows" in plan
-                else ""
-            )
+            parts = []
+            if "step_entanglement_bytes" in plan:
+                parts.append(f"--step-entanglement {human(plan['step_entanglement_bytes'])}")
+            if "probe_rows" in plan:
+                parts.append(
+                    f"--probe-every {human(plan['probe_bytes'])} (probe set: {plan['probe_rows']} rows, "
+                    f"{plan['probe_rows_per_pass']} per pass)"
+                )
+            if "attribution_bytes" in plan:
+                parts.append(f"--attribute-every {human(plan['attribution_bytes'])}")
             say(
-                f"diagnostics memory: estimated peak extra {human(peak)} under the budget of {human(budget)}{chunks}"
+                f"diagnostics memory, estimated peak extra under the budget of {human(budget)}: "
+                + "; ".join(parts)
             )
 
     def on_train_end(self, trainer: TrainerView, state: Any) -> None:
