@@ -508,3 +508,39 @@ def test_capture_cross_and_forward_estimates_are_the_shapes_written_out() -> Non
     fwd = estimate_forward_memory(model, [t] * n)
     one_layer = n * t * (INFER_HIDDEN * 32 + INFER_INTERMEDIATE * 48) * 8
     assert fwd.total == WORKSPACE + one_layer + n * t * 32 * (8 + 4)
+
+
+def test_probe_skip_oversize_layers_says_which_layers_and_inexact(tmp_path, monkeypatch) -> None:
+    """`run_probe(skip_oversize_layers=True)` under a budget where some layers fit in neither form (block
+    floor at one element): those layers, and only those, are named in the summary as left out."""
+    import preflens.grad.memory as mem
+    from preflens.data.collate import tokenize_pairs
+    from preflens.data.formats import load_pairs
+    from preflens.data.synthetic import sentiment_pairs
+    from preflens.diagnostics.probe_table import run_probe
+
+    monkeypatch.setattr(mem, "BLOCK_ELEMS", 1)
+    model, tok = tiny_model(hidden_size=32, seed=0)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(3, seed=1, response_length=4)))
+    items = tokenize_pairs(load_pairs(data)[0], tok, max_length=64, max_prompt_length=32)[0]
+    lens = [max(it.length for it in items)] * 2  # batch size 1: the probe batch is 2 rows
+    held = estimate_gram_memory(model, lens, params=[]).held
+    smallest = {}
+    for form in ("ghost", "materialize"):
+        for i in estimate_gram_memory(
+            model, lens, forms=dict.fromkeys(dict(model.named_parameters()), form)
+        ).items:
+            if i.what.startswith("kernel"):
+                smallest[i.layer] = min(smallest.get(i.layer, i.bytes), i.bytes)
+    cut = sorted(smallest.values())[len(smallest) // 2]  # about half the layers cannot fit
+    budget = held + cut
+    want = sorted(k for k, v in smallest.items() if v > cut)
+    assert want
+    kw = dict(data=data, output=tmp_path / "p.parquet", batch_size=1, max_length=64, max_prompt_length=32)
+    with pytest.raises(MemoryBudgetError):
+        run_probe(max_memory=budget, _model_obj=(model, tok), **kw)
+    with pytest.warns(UserWarning, match="inexact Gram"):
+        out = run_probe(max_memory=budget, skip_oversize_layers=True, _model_obj=(model, tok), **kw)
+    assert out["gram_inexact_skipped_layers"] == want
+    assert out["memory"]["line"].endswith(f"INEXACT Gram: {len(want)} layer(s) left out: {', '.join(want)}")
