@@ -224,11 +224,13 @@ def _probe_table(run: Path):
     return t.sort_values(["step", "split", "pair_id"]).reset_index(drop=True)
 
 
-def test_fsdp_probe_every_matches_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["dpo", "sparse"])
+def test_fsdp_probe_every_matches_one_process(tmp_path, loss):
     """`--probe-every 1` under FSDP2: the probes table (the Gram statistics and the update_pred_* columns,
     <g_i, delta theta> of the optimizer's real update, from sharded gradients all-reduced over the ranks)
-    equals the 1-process run's, every numeric column within 1e-5 of its scale."""
-    over = dict(probe_every=1, probe_pairs=4, step_entanglement=False)
+    equals the 1-process run's, every numeric column within 1e-5 of its scale. `sparse` (token-level) also
+    reads the probe set's per-token log-probs in a forward of its own."""
+    over = dict(probe_every=1, probe_pairs=4, step_entanglement=False, loss=loss)
     _one_process("train", str(_cfg(tmp_path, "run1", **over)))
     _torchrun("train", str(_cfg(tmp_path, "run2", fsdp=True, **over)))
     a, b = _probe_table(tmp_path / "run1"), _probe_table(tmp_path / "run2")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from preflens.diagnostics.entanglement import EntanglementStats, entanglement_from_gram
 from preflens.diagnostics.imbalance import gradient_imbalance, imbalance_metrics
 from preflens.grad import sequence_gram_and_logps
+from preflens.grad.capture import gathered_root
 from preflens.logprobs import PairLogps, pair_logps_from_batch, sequence_logps, split_pairs
 from preflens.losses import LossFn
 
@@ -157,7 +158,7 @@ class ProbeRunner:
     def _fill_tokens(self, p: PairLogps) -> None:
         """Per-token policy log-probs of the probe batch (no grad) and the cached reference's."""
         b = self.batch
-        with torch.no_grad():
+        with torch.no_grad(), gathered_root(self.model):  # FSDP2: the root's parameters (grad.capture)
             seq = sequence_logps(
                 self.model, b["input_ids"], b["attention_mask"], b["response_mask"], return_tokens=True,
                 **({"return_log_sum_sq": True} if self.log_sum_sq else {}),

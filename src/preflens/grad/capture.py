@@ -21,8 +21,9 @@ switched off under FSDP2: FSDP's reduce-scatter runs on autograd's gradients.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,32 @@ from preflens.grad.layout import SequenceRows
 from preflens.grad.parts import Call, Outer
 from preflens.grad.rules import Rule, registered_rules, rule_for
 
-__all__ = ["ACTIVE_CAPTURES", "ActiveCaptures", "GramCapture", "select_params"]
+__all__ = ["ACTIVE_CAPTURES", "ActiveCaptures", "GramCapture", "gathered_root", "select_params"]
+
+
+def _gather_root(model: nn.Module) -> bool:
+    """FSDP2: gather the root module's own parameters; False (nothing done) for an unsharded model."""
+    if not isinstance(model, FSDPModule):
+        return False
+    state = model._get_fsdp_state()  # type: ignore[operator]
+    if getattr(state, "_is_root", False) is None:
+        state._lazy_init()  # no forward ran yet: make the model the root before a layer claims it
+    model.unshard()
+    return True
+
+
+@contextlib.contextmanager
+def gathered_root(model: nn.Module) -> Iterator[None]:
+    """Within the block, an FSDP2 root's own parameters (embeddings, final norm, head) are gathered, so a
+    forward that calls the decoder and the head directly (`preflens.logprobs.sequence_logps`, not the
+    root's forward) runs on a sharded model; the decoder layers gather themselves. Resharded at exit. A
+    no-op for an unsharded model. For no-grad passes and the capture's own (which drives its backward)."""
+    gathered = _gather_root(model)
+    try:
+        yield
+    finally:
+        if gathered:
+            model.reshard()  # type: ignore[operator]
 
 
 class ActiveCaptures:
@@ -225,14 +251,9 @@ class GramCapture:
             if emb is None:
                 raise GramError("sequence_gram needs a model with get_input_embeddings() (a causal LM)")
             self.handles.append(emb.register_forward_hook(self._anchor_hook, prepend=True))
-        if isinstance(self.model, FSDPModule):
-            # the root's own parameters (embeddings, final norm, head): sequence_logps calls the decoder
-            # and the head directly, so the root's pre-forward hook, which would gather them, does not run
-            state = self.model._get_fsdp_state()  # type: ignore[operator]
-            if getattr(state, "_is_root", False) is None:
-                state._lazy_init()  # no forward ran yet: make the model the root before a layer claims it
-            self.model.unshard()
-            self._gathered_root = True
+        # the root's own parameters (embeddings, final norm, head): sequence_logps calls the decoder
+        # and the head directly, so the root's pre-forward hook, which would gather them, does not run
+        self._gathered_root = _gather_root(self.model)
         for m, rule, own in self.hooked:
             self.handles.append(
                 m.register_forward_hook(
