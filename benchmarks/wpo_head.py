@@ -59,12 +59,16 @@ def main() -> None:
     rows = []
     for name, fn in fns.items():
         peak, _ = peak_memory(fn, dev)
-        rows.append({"path": name, "median s": statistics.median(times[name]), "peak MiB": peak.delta_bytes / 2**20})
+        rows.append(
+            {"path": name, "median s": statistics.median(times[name]), "peak MiB": peak.delta_bytes / 2**20}
+        )
     base = rows[0]["median s"]
     for r in rows:
         r["x default"] = r["median s"] / base
     print(machine_info(args.device))
-    print(f"rows {args.rows}, hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk_rows}, {args.dtype}")
+    print(
+        f"rows {args.rows}, hidden {args.hidden}, vocab {args.vocab}, chunk {args.chunk_rows}, {args.dtype}"
+    )
     print(format_table(rows))
 
 
