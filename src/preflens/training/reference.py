@@ -23,6 +23,7 @@ from preflens.errors import RunDirError
 __all__ = [
     "REFERENCE_FILE",
     "ReferenceLogps",
+    "evaluation_rows",
     "fingerprint",
     "load_or_compute_reference",
     "score_distinct",
@@ -193,3 +194,18 @@ def score_splits(
             known[key] = fresh[it.pair_id]
         out[split] = {it.pair_id: dict(known[_content(it)]) for it in items}
     return out, scored
+
+
+def evaluation_rows(
+    score: Callable[[Sequence[TokenizedPair]], Rows],
+    splits: Sequence[tuple[str, Sequence[TokenizedPair]]],
+    reference: ReferenceLogps,
+    at_reference: bool,
+) -> dict[str, Rows]:
+    """The policy's rows of an evaluation's splits (the eval split, the train subset). `at_reference`: the
+    policy is the reference (a fresh run's step 0: the same weights, or LoRA adapters that add exactly 0)
+    and an evaluation row needs nothing more than a reference row, so the reference pass's rows are read
+    instead of repeating that pass. Otherwise every distinct pair is scored once (`score_splits`)."""
+    if at_reference:
+        return {s: {it.pair_id: dict(reference.rows(s)[it.pair_id]) for it in items} for s, items in splits}
+    return score_splits(score, splits)[0]

@@ -77,7 +77,7 @@ from preflens.training.metrics import STAT_COLS, eval_columns, eval_line, pair_r
 from preflens.training.model_setup import build_model, is_peft
 from preflens.training.optim import make_optimizer
 from preflens.training.probes import ProbeCallback
-from preflens.training.reference import load_or_compute_reference, score_splits
+from preflens.training.reference import evaluation_rows, load_or_compute_reference
 from preflens.training.runtime import (
     StepGuard,
     init_trackers,
@@ -441,13 +441,9 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Log-probs of the eval split and the fixed train subset: metrics row + pairs.parquet rows."""
         step = self.state.step
-        splits = [(s, items) for s, items in (("eval", self.eval_items), ("train", self.train_subset)) if items]
-        if step == 0 and self.scorer.eval_rows_match_reference:
-            # a fresh run's step 0: the policy is the reference (the same weights, or LoRA adapters that add
-            # exactly 0), which the reference pass scored moments ago: read it, don't repeat the pass
-            scored = {s: {it.pair_id: dict(self.reference.rows(s)[it.pair_id]) for it in items} for s, items in splits}  # fmt: skip
-        else:  # a pair in both the eval split and the train subset (--eval-data = --data) is scored once
-            scored, _ = score_splits(lambda items: self.scorer.score(items, reference=False), splits)
+        splits = [(s, its) for s, its in (("eval", self.eval_items), ("train", self.train_subset)) if its]
+        at_reference = step == 0 and self.scorer.eval_rows_match_reference  # a fresh run's step 0
+        scored = evaluation_rows(lambda its: self.scorer.score(its, reference=False), splits, self.reference, at_reference)  # fmt: skip
         rows: list[dict[str, Any]] = []
         metrics: dict[str, Any] = {}
         for split, per_pair in scored.items():
