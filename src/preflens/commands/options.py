@@ -43,25 +43,13 @@ MAX_MEMORY = typer.Option(
     "the work is chunked to stay under it, or refused up front when one chunk cannot fit",
 )
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
 
 def parse_bytes(text: str | None, flag: str) -> int | None:
-    """'6GB' -> 6e9, '500MiB' -> 500 * 2^20, '123' -> 123 bytes; None stays None (the default budget)."""
-    import re
+    """'6GB' -> 6e9, '500MiB' -> 500 * 2^20, '123' -> 123 bytes; None stays None (the default budget).
+    `preflens.sizes.parse_size`, torch-free, so the commands check the flag before the heavy imports."""
+    from preflens.sizes import parse_size
 
-    from preflens.errors import PreflensError
-
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise PreflensError(
-            f"{flag}: expected a positive size such as 6GB, 500MiB or 2000000000 (bytes), got {text!r}"
-        )
-    return int(float(m.group(1)) * _UNITS[unit])
+    return parse_size(text, flag)
 
 
 def check_pairs_early(data: object, *, limit: int | None = None, **read: object) -> None:

@@ -52,6 +52,7 @@ from torch import nn
 from preflens.grad.errors import GramError
 from preflens.grad.kernels import BLOCK_ELEMS
 from preflens.logprobs import DEFAULT_CHUNK_ROWS
+from preflens.sizes import parse_size
 
 __all__ = [
     "ACT_HIDDEN",
@@ -269,30 +270,6 @@ def run_budget(max_bytes: int | None) -> None:
     """Set (an int) or clear (None) the budget of a training run: what "auto" resolves to when no
     `memory_budget` block is open (the probes of `preflens train --max-memory`)."""
     _RUN_BUDGET[0] = max_bytes
-
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_size(value: int | str | None, flag: str = "--max-memory") -> int | None:
-    """'6GB' -> 6e9, '500MiB' -> 500 * 2^20, '123' or 123 -> 123 bytes, None / 'auto' -> None (the default
-    budget); anything else: a one-line `PreflensError` naming `flag` (a config file's value lands here)."""
-    import re
-
-    from preflens.errors import PreflensError
-
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise PreflensError(
-            f"{flag}: expected a positive size such as 6GB, 500MiB or 2000000000 (bytes), got {value!r}"
-        )
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def resolve_budget(max_memory: int | str | None, device: torch.device | str | None = None) -> int:
