@@ -113,6 +113,17 @@ def estimate_capture_memory(
     return est
 
 
+def _pass_item(
+    what: str, model: nn.Module, lengths: list[int], compute_dtype: torch.dtype, *, transient: bool
+) -> MemoryItem:
+    """A forward + activation backward over rows of `lengths` with no parameter's parts: its activations
+    and head chunk (`estimate_gram_memory` with no parameters, less the workspace counted once at the end)."""
+    held = estimate_gram_memory(model, lengths, params=[], compute_dtype=compute_dtype).held - WORKSPACE
+    return MemoryItem(
+        what, "activations and head", (len(lengths), max(lengths, default=0)), held, transient=transient
+    )
+
+
 def estimate_cross_memory(
     model: nn.Module,
     train_lengths: Sequence[int],
@@ -134,16 +145,7 @@ def estimate_cross_memory(
     nt, rt, np_, rp = len(tl), sum(tl), len(pl), sum(pl)
     asize, dsize = _sizes(model, compute_dtype)
     est = MemoryEstimate(rows=nt + np_, tokens=rt + rp)
-    probe_pass = estimate_gram_memory(model, pl, params=[], compute_dtype=compute_dtype)
-    est.items.append(
-        MemoryItem(
-            "probe pass",
-            "activations and head",
-            (np_, max(pl, default=0)),
-            probe_pass.held - WORKSPACE,
-            transient=True,
-        )
-    )
+    est.items.append(_pass_item("probe pass", model, pl, compute_dtype, transient=True))
     owners = _onehot_owners(model)
     for name, p in _selected(model, params):
         onehot = owners.get(id(p), False)
@@ -154,16 +156,7 @@ def estimate_cross_memory(
         if keep:
             est.items.append(_parts_item("parts (kept for Adam)", name, p, onehot, rt, nt, dsize))
     if train_pass:
-        own = estimate_gram_memory(model, tl, params=[], compute_dtype=compute_dtype)
-        est.items.append(
-            MemoryItem(
-                "training rows' pass",
-                "activations and head",
-                (nt, max(tl, default=0)),
-                own.held - WORKSPACE,
-                transient=False,
-            )  # fmt: skip
-        )
+        est.items.append(_pass_item("training rows' pass", model, tl, compute_dtype, transient=False))
     est.items.append(MemoryItem("workspace", "runtime", (), WORKSPACE))
     return est
 
