@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from test_multiprocess import _free_port, _write_inputs
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -41,21 +42,6 @@ RTOL = 1e-5
 ADAM_VS_ONE_PROCESS = 1e-2  # the float32 conditioning of Adam's step-1 denominator (docstring)
 EXACT = ("sgd_chosen", "sgd_rejected", "cosine")
 ADAM = ("adam_chosen", "adam_rejected")
-
-
-def _inputs(tmp_path: Path) -> tuple[Path, Path]:
-    from preflens.data.synthetic import sentiment_pairs
-    from preflens.models import tiny_model
-
-    model, tok = tiny_model(hidden_size=32, num_layers=2, seed=0)
-    mdir = tmp_path / "model"
-    model.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    data = tmp_path / "pairs.jsonl"
-    # two response lengths: the ranks' micro-batches are padded differently from the 1-process batch
-    rows = sentiment_pairs(12, seed=3, response_length=5) + sentiment_pairs(12, seed=4, response_length=9)
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return mdir, data
 
 
 def _run(tmp_path: Path, name: str, nproc: int, **over) -> Path:
@@ -70,9 +56,7 @@ def _run(tmp_path: Path, name: str, nproc: int, **over) -> Path:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, str(SCRIPT), str(path)]
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={port}", str(SCRIPT), str(path)]  # fmt: skip
@@ -102,7 +86,7 @@ def _worst(a, b, cols) -> dict[str, float]:
 def test_fsdp_attribution_equals_one_process(tmp_path, lora) -> None:
     import pandas as pd
 
-    _inputs(tmp_path)
+    _write_inputs(tmp_path)
     over = {"lora_rank": 4} if lora else {}
     one = _run(tmp_path, "run1", 1, **over)
     sharded = _run(tmp_path, "run2", 2, fsdp=True, **over)
