@@ -470,23 +470,15 @@ def test_two_processes_attribute_what_one_does(tmp_path) -> None:
     (each process attributes its share of the batch; the rows are gathered, the 1/N of DDP's average applied)."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     import pandas as pd
 
-    from preflens.data.synthetic import sentiment_pairs
-    from preflens.models import tiny_model
+    from test_multiprocess import _free_port, _write_inputs
 
-    model, tok = tiny_model(hidden_size=32, num_layers=2, seed=0)
-    mdir = tmp_path / "model"
-    model.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    data = tmp_path / "pairs.jsonl"
-    rows = sentiment_pairs(12, seed=3, response_length=5) + sentiment_pairs(12, seed=4, response_length=9)
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mdir, data = _write_inputs(tmp_path)
     script = Path(__file__).with_name("_mp_train_script.py")
     out = {}
     for n in (1, 2):
@@ -497,9 +489,7 @@ def test_two_processes_attribute_what_one_does(tmp_path) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         cmd = [sys.executable, str(script), str(tmp_path / f"cfg{n}.json")]
         if n > 1:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = _free_port()
             env["ACCELERATE_USE_CPU"] = "true"
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
                    str(script), str(tmp_path / f"cfg{n}.json")]  # fmt: skip
